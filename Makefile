@@ -1,0 +1,44 @@
+# One entry point per job. Each target first makes sure the environment exists:
+# .venv is created when missing; torch 2.13.0 (a CPU build on this machine's disk) is
+# installed first only when no torch is importable, so an existing torch (Colab, a CUDA
+# build) is never re-pinned; then the package with its test extra.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+NAME   ?= main
+PYTEST_ARGS ?=
+
+.PHONY: setup test run nbmake bench bench-fast clean-venv sync-notebooks
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $@
+
+# The test command (README, .ci/run). pytest exits 5 when it collects no test: that fails too.
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The main job: every notebook headless on the embedded phantom -> runs/$(NAME)/
+run: setup
+	$(BIN)/python -m trm_utils.run_all --name $(NAME)
+
+# The notebooks exactly as committed (default parameters), through nbmake.
+nbmake: setup
+	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=1800 notebooks/
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py --out runs/bench/bench.json
+
+bench-fast: setup
+	$(BIN)/python benchmarks/bench.py --fast --out runs/bench/bench-fast.json
+
+# Regenerate every .ipynb from its .py source (outputs stripped).
+sync-notebooks: setup
+	$(BIN)/jupytext --sync notebooks/*.py
+
+clean-venv:
+	rm -rf $(VENV)

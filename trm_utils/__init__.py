@@ -1,0 +1,25 @@
+"""trm_utils: shared code of the Transfer Risk Map tutorial.
+
+LEEP and pixel-LEEP (eqs. 2-3), transferability maps (eq. 4), hardness and transfer risk maps
+(eqs. 5-6), the risk-map-weighted loss and its baselines (eq. 7), the 2D U-Net with a frozen
+encoder, Dice, and the fine-tuning protocol. Notebooks import from here; tests cover it.
+"""
+from .leep import PixelLEEP, leep, pixel_leep, transferability_map
+from .losses import METHODS, class_weights, get_method, method_loss, weighted_cross_entropy
+from .metrics import dice_per_class, mean_foreground_dice
+from .risk import hardness, risk_from_hardness, risk_map
+from .train import evaluate, finetune, stack_data, train_source, transferability
+from .unet import UNet2D, freeze_encoder, reset_head
+from .utils import REPO_ROOT, get_device, resolve_path, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PixelLEEP", "leep", "pixel_leep", "transferability_map",
+    "METHODS", "class_weights", "get_method", "method_loss", "weighted_cross_entropy",
+    "dice_per_class", "mean_foreground_dice",
+    "hardness", "risk_from_hardness", "risk_map",
+    "evaluate", "finetune", "stack_data", "train_source", "transferability",
+    "UNet2D", "freeze_encoder", "reset_head",
+    "REPO_ROOT", "get_device", "resolve_path", "seed_everything",
+]

@@ -1,0 +1,143 @@
+"""Risk-map-weighted cross-entropy (eq. 7) and its baselines as one mechanism.
+
+Every method is a pixel weight w and a normaliser (DESIGN.md section 2):
+
+| method        | pixel weight w                  | normaliser                    |
+|---------------|---------------------------------|-------------------------------|
+| vanilla       | 1                               | all pixels (mean)             |
+| class_weight  | inverse class frequency [29]    | sum of weights (PyTorch mean) |
+| trs_map       | 1 + H (linear; our reading of [22]) | all pixels                |
+| trm (ours)    | base ** H  (eq. 6)              | foreground pixels (eq. 7)     |
+| fg_only       | 1                               | foreground pixels (ablation)  |
+| exp_only      | base ** H                       | all pixels (ablation)         |
+
+Eq. (7):  L = sum_i sum_p R_i(p) CE(f(x_i)_p, y_{i,p}) / #{(i,p): y_{i,p} != 0}.
+A batch with no foreground is normalised by its pixel count instead (finite, same scale as
+the mean).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .risk import risk_from_hardness
+
+NORMALIZERS = ("pixels", "foreground", "weights")
+
+
+def weighted_cross_entropy(logits, labels, pixel_weight=None, normalize: str = "pixels") -> torch.Tensor:
+    """Pixel-weighted cross-entropy summed over the batch and divided by a normaliser.
+
+    Args:
+        logits: B x C x H x W raw scores.
+        labels: B x H x W integer labels in [0, C).
+        pixel_weight: B x H x W non-negative weights (None = 1).
+        normalize: ``"pixels"`` (divide by B*H*W), ``"foreground"`` (divide by the number of
+            pixels with label != 0, eq. 7; the pixel count if there are none) or ``"weights"``
+            (divide by the sum of the weights, as PyTorch's class-weighted mean does).
+    """
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
+    if logits.ndim != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}; "
+            "expected logits B x C x H x W and labels B x H x W"
+        )
+    ce = F.cross_entropy(logits, labels.long(), reduction="none")
+    if pixel_weight is not None:
+        if pixel_weight.shape != ce.shape:
+            raise ValueError(f"pixel_weight shape {tuple(pixel_weight.shape)} does not match labels {tuple(ce.shape)}")
+        ce = ce * pixel_weight.to(ce.dtype)
+    total = ce.sum()
+    if normalize == "pixels":
+        denom = ce.new_tensor(float(ce.numel()))
+    elif normalize == "foreground":
+        n_fg = (labels != 0).sum()
+        denom = (n_fg if n_fg > 0 else torch.tensor(labels.numel(), device=labels.device)).to(ce.dtype)
+    else:
+        denom = (pixel_weight.sum() if pixel_weight is not None else ce.new_tensor(float(ce.numel()))).to(ce.dtype)
+        denom = denom.clamp_min(torch.finfo(ce.dtype).tiny)
+    return total / denom
+
+
+def class_weights(label_counts) -> torch.Tensor:
+    """Inverse-frequency class weights w_c = N / (C * n_c) from per-class pixel counts.
+
+    C counts the classes present (n_c > 0), so balanced counts give 1 for every class. A
+    class with no pixels in the training set gets weight 0 (it never appears in a label, so
+    its weight is never used).
+    """
+    counts = torch.as_tensor(label_counts, dtype=torch.float64)
+    if counts.ndim != 1 or counts.numel() == 0:
+        raise ValueError(f"label_counts must be a 1-D sequence of per-class counts, got shape {tuple(counts.shape)}")
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"label_counts must be finite and >= 0, got {counts.tolist()}")
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("label_counts are all zero: no labelled pixels to weight")
+    present = counts > 0
+    w = torch.zeros_like(counts)
+    w[present] = total / (int(present.sum()) * counts[present])
+    return w.float()
+
+
+@dataclass(frozen=True)
+class LossMethod:
+    """One row of the method table: how the pixel weight is formed, and the normaliser."""
+
+    name: str
+    weight: str  # "none" | "class" | "linear" | "exp"
+    normalize: str
+    description: str
+
+    @property
+    def needs_hardness(self) -> bool:
+        return self.weight in ("linear", "exp")
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        LossMethod("vanilla", "none", "pixels", "plain cross-entropy, mean over pixels"),
+        LossMethod("class_weight", "class", "weights", "inverse class frequency weights [29]"),
+        LossMethod("trs_map", "linear", "pixels", "transferability-map weight 1 + H (our reading of [22])"),
+        LossMethod("trm", "exp", "foreground", "transfer risk map base**H, foreground-normalised (ours, eq. 7)"),
+        LossMethod("fg_only", "none", "foreground", "ablation: foreground normalisation alone"),
+        LossMethod("exp_only", "exp", "pixels", "ablation: risk map weight alone, mean over pixels"),
+    )
+}
+
+
+def get_method(method: str) -> LossMethod:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def method_loss(
+    method: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    hardness: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    base: float = 10.0,
+) -> torch.Tensor:
+    """The loss of ``method`` (a name in ``METHODS``) on one batch.
+
+    ``hardness`` (B x H x W, eq. 5) is needed by ``trs_map``, ``trm`` and ``exp_only``;
+    ``class_weight`` (C) by ``class_weight``.
+    """
+    m = get_method(method)
+    weight = None
+    if m.weight == "class":
+        if class_weight is None:
+            raise ValueError("method 'class_weight' needs class_weight (see class_weights(label_counts))")
+        weight = class_weight.to(logits.device, logits.dtype)[labels.long()]
+    elif m.needs_hardness:
+        if hardness is None:
+            raise ValueError(f"method {method!r} needs the hardness maps H (eq. 5) of the batch")
+        weight = 1.0 + hardness if m.weight == "linear" else risk_from_hardness(hardness, base)
+    return weighted_cross_entropy(logits, labels, weight, m.normalize)
