@@ -1,0 +1,237 @@
+"""Presets, cached source models and the source x target x method x seed transfer grid.
+
+The notebooks call these so that what they show is what the tests check. A grid writes one
+row per (source, target, method, seed) to CSV as it goes; ``summarize`` turns it into the
+paper's headline (mean Dice over the grid, relative gain over vanilla) with the spread over
+seeds.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data as D
+from .train import evaluate, finetune, train_source, transferability
+from .unet import UNet2D
+from .utils import REPO_ROOT, atomic_torch_save, atomic_write_text, get_device, resolve_path, seed_everything
+
+CORE_METHODS = ("vanilla", "class_weight", "trs_map", "trm")
+ABLATIONS = ("fg_only", "exp_only")
+
+#: What each preset means. ``paper`` is the paper's protocol; ``tutorial`` is what 2 CPU cores
+#: afford in the main job's 20 minutes (see notebook 04 for the curves behind its budget).
+PRESETS = {
+    "tutorial": {
+        "phantom_preset": "tutorial",
+        "image_size": {"iseg2019": 64, "fets2021": 64, "msd": 64},
+        "base_channels": 16,
+        "depth": 3,
+        "batch_size": 8,
+        "source_iterations": 300,
+        "source_lr": 1e-3,
+        "iterations": 150,
+        "lr": 1e-3,
+        "eval_every": 25,
+    },
+    "paper": {
+        "phantom_preset": "paper",
+        "image_size": {"iseg2019": 192, "fets2021": 240, "msd": 240},
+        "base_channels": 64,
+        "depth": 4,
+        "batch_size": 8,
+        "source_iterations": 5000,
+        "source_lr": 1e-3,
+        "iterations": 5000,
+        "lr": 1e-4,
+        "eval_every": 500,
+    },
+}
+
+#: The paper's grids (Tables I and II) and few-shot study (Table III).
+PAPER_TASKS = {
+    "iseg2019": ["CSF-T1", "GM-T1", "WM-T1", "CSF-T2", "GM-T2", "WM-T2"],
+    "fets2021": ["13-T1", "14-FLAIR", "14-T1", "14-T2", "17-T2", "18-FLAIR"],
+    "msd": ["MSD-FLAIR", "MSD-T1", "MSD-T1CE", "MSD-T2"],
+}
+#: Small grids a CPU affords: same-modality / cross-modality and cross-task / cross-centre pairs.
+TUTORIAL_GRID = {
+    "iseg2019": {"sources": ["WM-T1", "CSF-T2"], "targets": ["GM-T1", "GM-T2"]},
+    "fets2021": {"sources": ["14-FLAIR", "17-T2"], "targets": ["13-T1", "18-FLAIR"]},
+    "msd": {"sources": ["MSD-FLAIR", "MSD-T2"], "targets": ["MSD-T1", "MSD-T1CE"]},
+}
+
+
+def get_preset(preset: str, **overrides) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[preset])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def resolve_datasets(dataset: str, data_dir, preset: str = "tutorial", seed: int = 0) -> dict:
+    """Map the notebooks' ``dataset`` parameter to {"tissue"/"tumour": (name, root)}.
+
+    ``phantom`` writes (or reuses) both phantom sets under ``data_dir/phantom``; a real dataset
+    name is looked up under ``data_dir`` and gives one family.
+    """
+    data_dir = resolve_path(data_dir)
+    if dataset == "phantom":
+        root = data_dir / "phantom"
+        pp = PRESETS[preset]["phantom_preset"] if preset in PRESETS else "tutorial"
+        D.make_phantom("iseg2019", root, seed=seed, preset=pp)
+        D.make_phantom("fets2021", root, seed=seed, preset=pp)
+        return {"tissue": ("iseg2019", root), "tumour": ("fets2021", root)}
+    if dataset == "iseg2019":
+        return {"tissue": ("iseg2019", data_dir)}
+    if dataset in ("fets2021", "msd"):
+        return {"tumour": (dataset, data_dir)}
+    raise ValueError(f"unknown dataset {dataset!r}; choose phantom, iseg2019, fets2021 or msd")
+
+
+def grid_tasks(name: str, preset: str) -> tuple:
+    """(sources, targets) of the transfer grid for dataset ``name`` under ``preset``."""
+    if preset == "paper":
+        return list(PAPER_TASKS[name]), list(PAPER_TASKS[name])
+    g = TUTORIAL_GRID[name]
+    return list(g["sources"]), list(g["targets"])
+
+
+def load_task(name, root, task, split, cfg, max_slices=None, seed=0):
+    return D.task_slices(name, task, root, split, image_size=cfg["image_size"][name], max_slices=max_slices, seed=seed)
+
+
+def new_unet(name: str, cfg: dict) -> UNet2D:
+    return UNet2D(1, D.num_classes_of(name), cfg["base_channels"], cfg["depth"])
+
+
+def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, show_progress=False):
+    """The source U-Net for ``task``: loaded from the cache when there, else trained and saved.
+
+    Returns ``(model, info)`` with ``info["status"]`` = ``"loaded"`` or ``"trained"`` and the
+    checkpoint path. The cache key covers the data, the task, the architecture and the
+    training settings, so a changed setting trains a new model.
+    """
+    train = load_task(name, root, task, "train", cfg)
+    ds = D.open_dataset(name, root)
+    key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
+                      cfg["source_iterations"], cfg["source_lr"], cfg["batch_size"], seed, 1])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    cache_dir = resolve_path(cache_dir) if cache_dir is not None else REPO_ROOT / "cache" / "sources"
+    path = Path(cache_dir) / f"{name}-{task}-{digest}.pt"
+    device = get_device(device)
+    seed_everything(seed)
+    model = new_unet(name, cfg)
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["state_dict"])
+        info = {"status": "loaded", "path": str(path), "seconds": state["history"].get("seconds")}
+    else:
+        hist = train_source(model, train, cfg["source_iterations"], cfg["source_lr"], cfg["batch_size"],
+                            device=device, seed=seed, show_progress=show_progress)
+        atomic_torch_save({"state_dict": model.state_dict(), "history": hist}, path)
+        info = {"status": "trained", "path": str(path), "seconds": hist["seconds"]}
+    return model.to(device).eval(), info
+
+
+def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods: Iterable[str], seeds: Iterable[int],
+             cfg: dict, device="auto", out_csv=None, show_progress=False, max_slices=None, cache_dir=None,
+             log=print) -> pd.DataFrame:
+    """Fine-tune every source on every other target with every method and seed.
+
+    One row per run: dataset, source, target, method, seed, dice (mean foreground Dice on the
+    target's held-out test subjects), dice_per_class, pixel_leep (the source's score on the
+    target training set), curve (held-out Dice every ``eval_every`` iterations, recorded for
+    analysis only), seconds. Written to ``out_csv`` after every cell, atomically.
+    """
+    device = get_device(device)
+    rows = []
+    for target in targets:
+        train = load_task(name, root, target, "train", cfg, max_slices=max_slices, seed=0)
+        test = load_task(name, root, target, "test", cfg)
+        for source in sources:
+            if source == target:
+                continue
+            src, _ = source_model(name, root, source, cfg, device=device, cache_dir=cache_dir, show_progress=show_progress)
+            tr = transferability(src, train, device=device)
+            before = evaluate(src, test, device=device)["dice"]
+            for method in methods:
+                for seed in seeds:
+                    model = copy.deepcopy(src)
+                    t0 = time.perf_counter()
+                    hist = finetune(model, train, method, risk=tr["hardness"], iterations=cfg["iterations"], lr=cfg["lr"],
+                                    batch_size=cfg["batch_size"], eval_data=test, eval_every=cfg["eval_every"],
+                                    device=device, seed=int(seed), show_progress=show_progress)
+                    final = hist["eval"][-1] if hist["eval"] else evaluate(model, test, device=device)
+                    rows.append({
+                        "dataset": name, "source": source, "target": target, "method": method, "seed": int(seed),
+                        "dice": final["dice"], "dice_per_class": json.dumps(final["dice_per_class"]),
+                        "dice_before": before, "pixel_leep": tr["score"], "n_train_slices": len(train),
+                        "iterations": cfg["iterations"], "final_loss": hist["loss"][-1] if hist["loss"] else float("nan"),
+                        "curve": json.dumps([[e["iteration"], e["dice"]] for e in hist["eval"]]),
+                        "seconds": time.perf_counter() - t0,
+                    })
+            if log:
+                cell = pd.DataFrame(rows)
+                cell = cell[(cell.source == source) & (cell.target == target)].groupby("method").dice.mean()
+                log(f"{source:>10} -> {target:<10} " + "  ".join(f"{m} {cell[m]:.3f}" for m in methods))
+            if out_csv is not None:
+                write_csv(pd.DataFrame(rows), out_csv)
+    return pd.DataFrame(rows)
+
+
+def write_csv(df: pd.DataFrame, path) -> Path:
+    return atomic_write_text(resolve_path(path), df.to_csv(index=False))
+
+
+def summarize(df: pd.DataFrame, baseline: str = "vanilla") -> pd.DataFrame:
+    """Per method: mean Dice over the grid cells and its spread over seeds, gain over ``baseline``.
+
+    For each seed, the grid mean is the mean over cells; ``dice_mean`` / ``dice_std`` are the
+    mean / standard deviation of that grid mean over seeds (std is 0 with one seed).
+    ``gain_pct`` = 100 * (mean - baseline mean) / baseline mean, the paper's relative gain;
+    ``cells_won`` counts cells where the method's seed-mean beats the baseline's.
+    """
+    per_seed = df.groupby(["method", "seed"]).dice.mean().unstack("seed")
+    cell = df.groupby(["method", "source", "target"]).dice.mean()
+    out = pd.DataFrame({"dice_mean": per_seed.mean(axis=1), "dice_std": per_seed.std(axis=1, ddof=1).fillna(0.0),
+                        "n_seeds": per_seed.notna().sum(axis=1), "n_cells": cell.groupby("method").size()})
+    if baseline in out.index:
+        base = out.loc[baseline, "dice_mean"]
+        out["gain_pct"] = 100 * (out.dice_mean - base) / base
+        b = cell.loc[baseline]
+        out["cells_won"] = [int((cell.loc[m].reindex(b.index) > b).sum()) for m in out.index]
+    order = [m for m in (*CORE_METHODS, *ABLATIONS) if m in out.index] + [m for m in out.index if m not in CORE_METHODS + ABLATIONS]
+    return out.loc[order]
+
+
+def curves_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Long table of the held-out Dice curves: one row per (run, iteration)."""
+    rows = []
+    for r in df.itertuples():
+        for it, dice in json.loads(r.curve):
+            rows.append({"dataset": r.dataset, "source": r.source, "target": r.target, "method": r.method,
+                         "seed": r.seed, "iteration": it, "dice": dice})
+    return pd.DataFrame(rows)
+
+
+def paper_table(which: str) -> pd.DataFrame:
+    """The paper's result tables (copied from the paper into ``reference/``)."""
+    files = {"iseg2019": "table1_iseg2019.csv", "fets2021": "table2_fets2021.csv", "fewshot": "table3_fewshot_iseg2019.csv"}
+    return pd.read_csv(REPO_ROOT / "reference" / files[which])
+
+
+def paper_gains(which: str) -> pd.DataFrame:
+    """The paper's mean Dice per method and relative gain over vanilla (its headline numbers)."""
+    t = paper_table(which)
+    t = t[t.source != "average"] if "source" in t else t
+    m = t.groupby("method").dice.mean()
+    return pd.DataFrame({"dice_mean": m, "gain_pct": 100 * (m - m["vanilla"]) / m["vanilla"]})
