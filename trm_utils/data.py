@@ -472,6 +472,8 @@ PRESETS = {
     "tutorial": {"shape": (64, 64, 20), "n_subjects": 10},
     # closer to the real sizes (still far smaller than 144x192x256 / 240x240x155)
     "paper": {"shape": (128, 128, 48), "n_subjects": 10},
+    # tiny, for tests only
+    "smoke": {"shape": (32, 32, 8), "n_subjects": 4},
 }
 
 

@@ -32,14 +32,27 @@ PRESETS = {
     "tutorial": {
         "phantom_preset": "tutorial",
         "image_size": {"iseg2019": 64, "fets2021": 64, "msd": 64},
-        "base_channels": 16,
+        "base_channels": 8,
         "depth": 3,
         "batch_size": 8,
-        "source_iterations": 300,
+        "source_iterations": 500,
         "source_lr": 1e-3,
         "iterations": 150,
         "lr": 1e-3,
         "eval_every": 25,
+    },
+    # a seconds-long run of every code path, for the tests (not for results)
+    "smoke": {
+        "phantom_preset": "smoke",
+        "image_size": {"iseg2019": 32, "fets2021": 32, "msd": 32},
+        "base_channels": 4,
+        "depth": 2,
+        "batch_size": 4,
+        "source_iterations": 15,
+        "source_lr": 1e-3,
+        "iterations": 6,
+        "lr": 1e-3,
+        "eval_every": 3,
     },
     "paper": {
         "phantom_preset": "paper",
@@ -101,6 +114,7 @@ def grid_tasks(name: str, preset: str) -> tuple:
     """(sources, targets) of the transfer grid for dataset ``name`` under ``preset``."""
     if preset == "paper":
         return list(PAPER_TASKS[name]), list(PAPER_TASKS[name])
+    # the tutorial grid (also used by the smoke preset)
     g = TUTORIAL_GRID[name]
     return list(g["sources"]), list(g["targets"])
 
@@ -235,3 +249,12 @@ def paper_gains(which: str) -> pd.DataFrame:
     t = t[t.source != "average"] if "source" in t else t
     m = t.groupby("method").dice.mean()
     return pd.DataFrame({"dice_mean": m, "gain_pct": 100 * (m - m["vanilla"]) / m["vanilla"]})
+
+
+def family_tasks(name: str, preset: str, sources=None, targets=None, all_targets: bool = False) -> tuple:
+    """The notebooks' task-list parameters, with None meaning the preset's grid
+    (``all_targets``: every task of the dataset as a target, as notebook 02's score matrix)."""
+    s, t = grid_tasks(name, preset)
+    if all_targets:
+        t = list(PAPER_TASKS[name])
+    return list(sources) if sources else s, list(targets) if targets else t

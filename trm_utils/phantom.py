@@ -46,7 +46,7 @@ FETS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: partitions of the FeTS-like set: partitioning_2 id -> (partitioning_1 institution, tumour size)
 FETS_PARTITIONS = {13: (13, "large"), 14: (13, "small"), 17: (16, "large"), 18: (16, "small"), 5: (5, "medium"),
                    9: (9, "medium")}
-TUMOUR_RADIUS = {"large": (8.0, 11.0), "medium": (6.0, 8.5), "small": (4.0, 6.0)}
+TUMOUR_RADIUS = {"large": (13.0, 16.0), "medium": (10.0, 13.0), "small": (7.0, 10.0)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,139 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Few-shot transfer: TRM with very few target slices
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/trm-tutorial/transfer-risk-map/blob/main/notebooks/05_few_shot.ipynb)
+#
+# **What you will learn**
+# - the paper's few-shot protocol (its Table III): one source task, fine-tuning on the other tissue tasks
+#   with only 400, 100 or 50 annotated target slices;
+# - how vanilla and TRM fine-tuning compare as the target set shrinks, with the spread over seeds;
+# - how to read a small-sample result honestly.
+#
+# **Compute budget** (tutorial preset, phantom, 3 seeds): about 3 min on 2 CPU cores; under a minute on a GPU.
+#
+# **Scaling.** A phantom training split has about 140 slices per task (the real iSeg-2019 training subjects
+# give far more), so the tutorial preset keeps the paper's 8 : 2 : 1 ratio at 100 / 25 / 12 slices. The
+# `paper` preset uses 400 / 100 / 50.
+
+# %% [markdown]
+# ## 0. Setup
+
+# %%
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if "google.colab" in sys.modules and not Path("transfer-risk-map").exists():
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/trm-tutorial/transfer-risk-map"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "transfer-risk-map"], check=True)
+    os.chdir("transfer-risk-map/notebooks")
+_root = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "trm_utils").is_dir()), None)
+if _root is not None and str(_root) not in sys.path:
+    sys.path.insert(0, str(_root))
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from trm_utils import experiments as E
+from trm_utils.notebook import setup
+
+# %% tags=["parameters"]
+dataset = "phantom"  # phantom | iseg2019 (the study is on the tissue tasks)
+data_dir = "data"
+output_dir = "runs/notebooks/05_few_shot"
+preset = "tutorial"  # tutorial | paper
+seeds = [0, 1, 2]
+device = "auto"
+iterations = None  # None: the preset's value
+show_progress = True
+fewshot_source = "CSF-T1"
+fewshot_targets = None  # None: tutorial ["GM-T2", "WM-T1"]; paper: the other five tissue tasks
+fewshot_slices = None  # None: tutorial [100, 25, 12]; paper [400, 100, 50]
+methods = ["vanilla", "trm"]
+
+# %%
+ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
+if "tissue" not in ctx.data:
+    raise ValueError(f"the few-shot study uses the tissue tasks; dataset={dataset!r} has none (use phantom or iseg2019)")
+name, root = ctx.data["tissue"]
+paper_targets = [t for t in E.PAPER_TASKS[name] if t != fewshot_source]
+targets = fewshot_targets or (paper_targets if preset == "paper" else ["GM-T2", "WM-T1"])
+sizes = fewshot_slices or ([400, 100, 50] if preset == "paper" else [100, 25, 12])
+print(f"source {fewshot_source} -> targets {targets}; training slices {sizes}; methods {methods}; seeds {ctx.seeds}")
+
+# %% [markdown]
+# ## 1. Fine-tune with a capped target training set
+# For each size, `max_slices` draws that many slices from the target training subjects (with a fixed seed,
+# so every method and seed sees the same slices); the test subjects are the full held-out split.
+
+# %%
+runs = []
+for n in sizes:
+    print(f"--- {n} target slices")
+    df = E.run_grid(name, root, [fewshot_source], targets, methods, ctx.seeds, ctx.cfg, device=ctx.device,
+                    max_slices=n, show_progress=ctx.show_progress)
+    df.insert(0, "n_slices", n)
+    runs.append(df)
+runs = pd.concat(runs, ignore_index=True)
+ctx.save_table(runs, "fewshot_runs")
+
+# %% [markdown]
+# ## 2. Table III, our version: mean ± std over seeds, and the average over targets
+
+# %%
+per_seed = runs.groupby(["n_slices", "method", "seed"]).dice.mean()
+avg = per_seed.groupby(["n_slices", "method"]).agg(["mean", "std"]).unstack("method")
+table = runs.groupby(["n_slices", "target", "method"]).dice.agg(["mean", "std"]).unstack("method")
+display(table.round(4))  # noqa: F821
+rel = pd.DataFrame({"vanilla": avg[("mean", "vanilla")], "trm": avg[("mean", "trm")],
+                    "vanilla_std": avg[("std", "vanilla")], "trm_std": avg[("std", "trm")]})
+rel["gain_pct"] = 100 * (rel.trm - rel.vanilla) / rel.vanilla
+ctx.save_table(rel, "fewshot_summary", index=True)
+rel.round(4)
+
+# %% [markdown]
+# ## 3. The paper's Table III beside ours
+
+# %%
+paper = E.paper_table("fewshot")
+paper = paper[paper.target == "average"].pivot(index="n_slices", columns="method", values="dice")
+paper["gain_pct"] = 100 * (paper.ours - paper.vanilla) / paper.vanilla
+paper.round(4)
+
+# %%
+fig, ax = plt.subplots(figsize=(5.5, 3.6))
+sns.pointplot(runs.groupby(["n_slices", "method", "seed"]).dice.mean().reset_index(), x="n_slices", y="dice",
+              hue="method", errorbar="sd", dodge=0.2, ax=ax)
+ax.set_xlabel("target training slices")
+ax.set_ylabel("held-out Dice (mean over targets)")
+ax.set_title(f"{fewshot_source} -> {', '.join(targets)}; bars = std over seeds {ctx.seeds}")
+ctx.save_fig(fig, "fewshot")
+plt.show()
+ctx.save_json({"source": fewshot_source, "targets": targets, "sizes": sizes, "seeds": ctx.seeds,
+               "gain_pct": rel.gain_pct.round(3).to_dict()}, "summary")
+for n, r in rel.iterrows():
+    print(f"{n:>4} slices: vanilla {r.vanilla:.4f} ± {r.vanilla_std:.4f}, TRM {r.trm:.4f} ± {r.trm_std:.4f} ({r.gain_pct:+.2f}%)")
+
+# %% [markdown]
+# The paper reports TRM ahead at every size, with the largest relative gain at 50 slices (+2.9 %). Compare
+# the printed lines above: whether our gain grows as the set shrinks, stays flat or reverses is the result of
+# this run, within the spread over seeds it shows.
+#
+# ## Summary
+# - The few-shot protocol caps the target training slices; the source and test subjects stay the same.
+# - With very few slices the source's knowledge matters more, and so does where fine-tuning puts its effort.
+#
+# ## Exercises
+# 1. Draw a different subset of slices per seed (`task_slices(..., max_slices=n, seed=s)`) and compare spreads.
+# 2. Add `class_weight` to `methods`: is the few-shot gain specific to the risk map?

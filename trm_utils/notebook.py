@@ -1,0 +1,73 @@
+"""What every notebook does first: resolve parameters, pick the device, make the data, and
+save figures and tables into the run's output folder (so headless runs leave results)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import experiments as E
+from .utils import atomic_write_bytes, atomic_write_json, get_device, resolve_path, seed_everything
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+@dataclass
+class Context:
+    """The derived values of a notebook's parameters."""
+
+    cfg: dict
+    device: object
+    out_dir: Path
+    data: dict
+    seeds: list
+    show_progress: bool
+    preset: str
+    saved: list = field(default_factory=list)
+
+    def save_fig(self, fig, name: str, dpi: int = 110) -> Path:
+        """Save ``fig`` as PNG in the output folder (written atomically)."""
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        path = atomic_write_bytes(self.out_dir / f"{name}.png", buf.getvalue())
+        self.saved.append(path.name)
+        return path
+
+    def save_table(self, df: pd.DataFrame, name: str, index: bool = False) -> Path:
+        path = E.write_csv(df.reset_index() if index else df, self.out_dir / f"{name}.csv")
+        self.saved.append(path.name)
+        return path
+
+    def save_json(self, obj, name: str) -> Path:
+        path = atomic_write_json(self.out_dir / f"{name}.json", obj)
+        self.saved.append(path.name)
+        return path
+
+
+def setup(dataset="phantom", data_dir="data", output_dir="runs/notebook", preset="tutorial", seeds=(0,),
+          device="auto", iterations=None, show_progress=True, seed=0, need_data=True, **overrides) -> Context:
+    """Check the parameters, seed everything, make (or find) the data, create ``output_dir``.
+
+    ``need_data=False`` skips the data (notebook 01 makes its own toy problem)."""
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed, e.g. seeds = [0]")
+    cfg = E.get_preset(preset, iterations=iterations, **overrides)
+    dev = get_device(device)
+    seed_everything(int(seed))
+    out = resolve_path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = E.resolve_datasets(dataset, data_dir, preset, seed=0) if need_data else {}
+    plt.rcParams.update({"figure.dpi": 90, "image.interpolation": "nearest"})
+    print(f"device: {dev} | preset: {preset} | iterations: {cfg['iterations']} | seeds: {list(seeds)}")
+    for fam, (name, root) in data.items():
+        print(f"{fam} data: {name} under {root}")
+    print(f"outputs: {out}")
+    return Context(cfg, dev, out, data, [int(s) for s in seeds], bool(show_progress), preset)
