@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 NAME   ?= main
 PYTEST_ARGS ?=
 
-.PHONY: setup test run nbmake bench bench-fast clean-venv sync-notebooks
+.PHONY: setup test run nbmake bench bench-fast calibrate clean-venv sync-notebooks
 
 setup: $(VENV)/.installed
 
@@ -42,3 +42,7 @@ sync-notebooks: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# How the phantom is calibrated (vanilla Dice vs the paper's range; same- vs cross-modality)
+calibrate: setup
+	$(BIN)/python benchmarks/calibrate_phantom.py

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import phantom as ph
-from .utils import REPO_ROOT, atomic_write_bytes, atomic_write_json
+from .utils import REPO_ROOT, atomic_write_bytes, atomic_write_json, cache_root
 
 DATASETS = ("iseg2019", "fets2021", "msd")
 ISEG_DIR = "iSeg-2019-Training"
@@ -392,7 +392,7 @@ def task_slices(name: str, task: str, root=None, split: str = "train", image_siz
     ``max_slices`` draws that many training slices with ``seed`` (the few-shot study).
 
     Preprocessed slices are cached in memory and as ``.npz`` under ``cache_dir`` (default
-    ``<repo>/cache/slices``), keyed by the files' names, sizes and times.
+    ``$TRM_CACHE_DIR/slices``, by default ``<repo>/cache/slices``), keyed by the files' names, sizes and times.
     """
     root = Path(root) if root is not None else default_data_dir()
     ds = open_dataset(name, root, **({"partitioning": partitioning} if name == "fets2021" else {}))
@@ -402,7 +402,7 @@ def task_slices(name: str, task: str, root=None, split: str = "train", image_siz
     cache_key = hashlib.sha1(json.dumps([name, task.upper(), split, image_size, test_fraction, split_seed,
                                          partitioning, ds.signature(subjects), 1]).encode()).hexdigest()[:20]
     if cache_key not in _MEMORY_CACHE:
-        cache_dir = Path(cache_dir) if cache_dir is not None else REPO_ROOT / "cache" / "slices"
+        cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "slices"
         cache_file = cache_dir / f"{name}-{task.upper()}-{split}-{cache_key}.npz"
         if cache_file.exists():
             with np.load(cache_file, allow_pickle=False) as z:

@@ -21,7 +21,7 @@ import torch
 from . import data as D
 from .train import evaluate, finetune, train_source, transferability
 from .unet import UNet2D
-from .utils import REPO_ROOT, atomic_torch_save, atomic_write_text, get_device, resolve_path, seed_everything
+from .utils import REPO_ROOT, atomic_torch_save, atomic_write_text, cache_root, get_device, resolve_path, seed_everything
 
 CORE_METHODS = ("vanilla", "class_weight", "trs_map", "trm")
 ABLATIONS = ("fg_only", "exp_only")
@@ -139,7 +139,7 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
                       cfg["source_iterations"], cfg["source_lr"], cfg["batch_size"], seed, 1])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    cache_dir = resolve_path(cache_dir) if cache_dir is not None else REPO_ROOT / "cache" / "sources"
+    cache_dir = resolve_path(cache_dir) if cache_dir is not None else cache_root() / "sources"
     path = Path(cache_dir) / f"{name}-{task}-{digest}.pt"
     device = get_device(device)
     seed_everything(seed)

@@ -100,6 +100,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where source models and preprocessed slices are cached: ``$TRM_CACHE_DIR`` or ``<repo>/cache``."""
+    return Path(os.environ.get("TRM_CACHE_DIR", REPO_ROOT / "cache"))
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """Anchor a relative path at the repository root (not the working directory).
 

@@ -1,0 +1,35 @@
+"""Smoke check of the benchmark script: it runs and writes the keys the issue names (no timing asserts)."""
+import json
+import numbers
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from trm_utils import REPO_ROOT, pixel_leep
+
+from benchmarks.bench import naive_pixel_leep
+
+KEYS = ["pixel_leep_speedup_vs_naive", "pixel_leep_fraction_of_forward", "pixel_leep_memory_growth_16x",
+        "trm_step_ratio_vs_vanilla"]
+
+
+def test_naive_baseline_computes_the_same_score():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 4, 8, 8, generator=g), 1).double()
+    labels = torch.randint(0, 3, (3, 8, 8), generator=g)
+    assert naive_pixel_leep(probs, labels) == pytest.approx(pixel_leep(probs, labels), abs=1e-9)
+
+
+def test_bench_fast_writes_all_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench.py", "--fast", "--out", str(out)], capture_output=True,
+                       text=True, timeout=600, cwd=str(REPO_ROOT))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    for k in KEYS:
+        assert isinstance(res[k], numbers.Number) and np.isfinite(res[k]) and res[k] > 0, k
+    assert set(res["step_ratio_vs_vanilla"]) == {"vanilla", "class_weight", "trs_map", "trm", "fg_only", "exp_only"}
+    assert "target" in r.stdout and "TRM step / vanilla step" in r.stdout

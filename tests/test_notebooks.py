@@ -1,0 +1,130 @@
+"""The notebooks as users run them: headless through papermill with small injected parameters
+(the `smoke` preset), checking what they wrote; their canonical parameters; .py/.ipynb sync."""
+import json
+import os
+
+import jupytext
+import nbformat
+import pandas as pd
+import papermill as pm
+import pytest
+
+from trm_utils.run_all import NOTEBOOKS, run_notebooks, summary_text
+from trm_utils.utils import REPO_ROOT
+
+NB_DIR = REPO_ROOT / "notebooks"
+CANONICAL = {"dataset", "data_dir", "output_dir", "preset", "seeds", "device", "iterations", "show_progress"}
+TASK_LISTS = {"tissue_sources", "tissue_targets", "tumour_sources", "tumour_targets"}
+SMOKE = {"preset": "smoke", "seeds": [0, 1], "ablation_seeds": [0], "fewshot_slices": [12, 6], "show_progress": False}
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_canonical_parameters(nb):
+    params = pm.inspect_notebook(str(NB_DIR / f"{nb}.ipynb"))
+    missing = CANONICAL - set(params)
+    assert not missing, f"{nb} lacks {missing}"
+    if nb in ("02_pixel_leep", "03_risk_maps", "04_weighted_finetuning"):
+        assert TASK_LISTS <= set(params)
+    assert params["device"]["default"] == '"auto"'
+    assert params["dataset"]["default"] == '"phantom"'
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_ipynb_in_sync_with_py_and_stripped(nb):
+    ipynb = nbformat.read(NB_DIR / f"{nb}.ipynb", as_version=4)
+    py = jupytext.read(NB_DIR / f"{nb}.py")
+    strip = lambda cells: [(c.cell_type, c.source.strip()) for c in cells]
+    assert strip(ipynb.cells) == strip(py.cells), f"{nb}.ipynb differs from {nb}.py: run `make sync-notebooks`"
+    for c in ipynb.cells:
+        if c.cell_type == "code":
+            assert not c.outputs and c.execution_count is None, f"{nb}.ipynb carries outputs: strip them"
+    tagged = [c for c in ipynb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    data = tmp_path_factory.mktemp("data")
+    os.environ["TRM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        timings = run_notebooks("smoke", {**SMOKE, "data_dir": str(data)}, runs_dir=runs, log=lambda *a: None)
+    finally:
+        os.environ.pop("TRM_CACHE_DIR", None)
+    return runs / "smoke", timings
+
+
+def test_all_notebooks_executed(smoke_run):
+    out, timings = smoke_run
+    assert list(timings) == NOTEBOOKS
+    for nb in NOTEBOOKS:
+        executed = nbformat.read(out / f"{nb}.ipynb", as_version=4)
+        errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors
+
+
+def test_01_leep_outputs(smoke_run):
+    out = smoke_run[0] / "01_leep"
+    res = pd.read_csv(out / "leep_vs_accuracy.csv")
+    assert len(res) == 6 * 2  # six targets x two seeds
+    assert (res.leep <= 0).all() and res.accuracy.between(0, 1).all()
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["kendall_tau_per_seed"]) == 2 and all(-1 <= t <= 1 for t in s["kendall_tau_per_seed"])
+    assert (out / "leep_vs_accuracy.png").stat().st_size > 1000
+
+
+def test_02_pixel_leep_outputs(smoke_run):
+    out = smoke_run[0] / "02_pixel_leep"
+    scores = pd.read_csv(out / "pixel_leep_scores.csv")
+    # every grid source against every task of its dataset
+    assert len(scores[scores.family == "tissue"]) == 2 * 6 and len(scores[scores.family == "tumour"]) == 2 * 6
+    assert (scores.pixel_leep <= 0).all()
+    src = pd.read_csv(out / "source_models.csv")
+    assert set(src.status) <= {"trained", "loaded"} and src.own_task_dice.between(0, 1).all()
+    assert list(out.glob("tmap_*.png")) and (out / "pixel_leep_tissue.png").exists()
+
+
+def test_03_risk_map_outputs(smoke_run):
+    out = smoke_run[0] / "03_risk_maps"
+    base = pd.read_csv(out / "base_effect.csv")
+    assert base.base.tolist() == [2.0, 10.0, 100.0]
+    assert (base.max_weight <= base.base + 1e-6).all() and (base.mean_weight >= 1).all()
+    assert (out / "steps_one_slice.png").exists() and (out / "histograms.png").exists()
+
+
+def test_04_grid_outputs(smoke_run):
+    out = smoke_run[0] / "04_weighted_finetuning"
+    for fam in ("tissue", "tumour"):
+        grid = pd.read_csv(out / f"grid_{fam}.csv")
+        methods, seeds = ["vanilla", "class_weight", "trs_map", "trm"], [0, 1]
+        cells = grid[["source", "target"]].drop_duplicates()
+        assert len(cells) == 4  # 2 sources x 2 targets, no source == target
+        counts = grid.groupby(["source", "target", "method"]).seed.nunique()
+        assert len(grid) == len(cells) * len(methods) * len(seeds) and (counts == 2).all()
+        assert grid.dice.between(0, 1).all() and grid.dice_before.between(0, 1).all()
+        curve = json.loads(grid.curve.iloc[0])
+        assert [it for it, _ in curve] == [3, 6]
+        s = pd.read_csv(out / f"summary_{fam}.csv").set_index("method")
+        assert list(s.index) == methods and s.loc["vanilla", "gain_pct"] == 0
+    abl = pd.read_csv(out / "ablation_tissue.csv")
+    assert set(abl.method) == {"fg_only", "exp_only"} and abl.dice.between(0, 1).all()
+    side = pd.read_csv(out / "paper_vs_ours.csv")
+    assert len(side) == 8 and side.paper_dice.between(0, 1).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"tissue", "tumour"}
+    assert (out / "fig2_risk_before_after.png").exists() and (out / "curves_tissue.png").exists()
+
+
+def test_05_few_shot_outputs(smoke_run):
+    out = smoke_run[0] / "05_few_shot"
+    runs = pd.read_csv(out / "fewshot_runs.csv")
+    assert sorted(runs.n_slices.unique()) == [6, 12]
+    assert len(runs) == 2 * 2 * 2 * 2  # sizes x targets x methods x seeds
+    assert (runs.n_train_slices == runs.n_slices).all() and runs.dice.between(0, 1).all()
+    s = pd.read_csv(out / "fewshot_summary.csv")
+    assert len(s) == 2 and set(s.columns) >= {"vanilla", "trm", "gain_pct"}
+
+
+def test_run_all_summary(smoke_run):
+    text = summary_text(smoke_run[0])
+    assert "tissue: mean Dice" in text and "trm" in text and "slices: vanilla" in text
