@@ -31,15 +31,15 @@ FETS_LABELS = {"NCR": 1, "ED": 2, "ET": 4}
 
 # tissue intensities (before per-centre scaling); infant iso-intense-like T1/T2
 ISEG_CONTRAST = {
-    "T1": {"CSF": 0.30, "GM": 0.58, "WM": 0.70, "myelin": 0.95},
-    "T2": {"CSF": 1.00, "GM": 0.66, "WM": 0.56, "myelin": 0.40},
+    "T1": {"CSF": 0.30, "GM": 0.55, "WM": 0.72, "myelin": 0.95},
+    "T2": {"CSF": 1.00, "GM": 0.70, "WM": 0.52, "myelin": 0.38},
 }
 # adult contrast for the tumour set; tumour sub-regions last
 FETS_CONTRAST = {
-    "t1": {"CSF": 0.20, "GM": 0.60, "WM": 0.85, "ED": 0.55, "ET": 0.62, "NCR": 0.28},
-    "t1ce": {"CSF": 0.22, "GM": 0.62, "WM": 0.84, "ED": 0.58, "ET": 1.35, "NCR": 0.26},
-    "t2": {"CSF": 1.00, "GM": 0.66, "WM": 0.45, "ED": 0.92, "ET": 0.72, "NCR": 1.05},
-    "flair": {"CSF": 0.10, "GM": 0.58, "WM": 0.48, "ED": 1.00, "ET": 0.80, "NCR": 0.55},
+    "t1": {"CSF": 0.20, "GM": 0.60, "WM": 0.85, "ED": 0.52, "ET": 0.68, "NCR": 0.12},
+    "t1ce": {"CSF": 0.22, "GM": 0.62, "WM": 0.84, "ED": 0.55, "ET": 1.45, "NCR": 0.15},
+    "t2": {"CSF": 1.00, "GM": 0.66, "WM": 0.45, "ED": 0.90, "ET": 0.60, "NCR": 1.35},
+    "flair": {"CSF": 0.10, "GM": 0.58, "WM": 0.48, "ED": 1.05, "ET": 0.72, "NCR": 0.25},
 }
 FETS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -59,7 +59,7 @@ class PhantomConfig:
     n_subjects: int = 10  # iseg2019: subjects 1..n; fets2021: per partition
     partitions: tuple = tuple(sorted(FETS_PARTITIONS))
     noise: float = 1.0  # scales every centre's noise level (difficulty knob)
-    version: int = 1
+    version: int = 4
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -112,15 +112,15 @@ def tumour_masks(rng, anatomy, size: str) -> dict:
     idx = np.indices(shape).astype(float)
     lo, hi = TUMOUR_RADIUS[size]
     r_ed = rng.uniform(lo, hi)
-    zscale = 2.5  # fewer axial slices than in-plane pixels: slices are thicker
+    zscale = 1.6  # fewer axial slices than in-plane pixels: slices are thicker
 
     def blob(c, radius, rough):
         d = np.sqrt((idx[0] - c[0]) ** 2 + (idx[1] - c[1]) ** 2 + ((idx[2] - c[2]) * zscale) ** 2)
         return d < radius * (1 + rough * _smooth_noise(rng, shape, 2.0))
 
     ed = blob(centre, r_ed, 0.25)
-    et_region = blob(centre, 0.6 * r_ed, 0.2) & ed
-    ncr = blob(centre, 0.33 * r_ed, 0.25) & et_region
+    et_region = blob(centre, 0.72 * r_ed, 0.2) & ed
+    ncr = blob(centre, 0.45 * r_ed, 0.25) & et_region
     for _ in range(rng.integers(0, 3)):  # discontinuous satellites near the main lesion
         off = rng.normal(0, r_ed * 0.9, 3) * np.array([1, 1, 1 / zscale])
         c = np.clip(centre + off, 0, np.array(shape) - 1)
