@@ -59,7 +59,7 @@ class PhantomConfig:
     n_subjects: int = 10  # iseg2019: subjects 1..n; fets2021: per partition
     partitions: tuple = tuple(sorted(FETS_PARTITIONS))
     noise: float = 1.0  # scales every centre's noise level (difficulty knob)
-    version: int = 4
+    version: int = 5
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -118,18 +118,17 @@ def tumour_masks(rng, anatomy, size: str) -> dict:
         d = np.sqrt((idx[0] - c[0]) ** 2 + (idx[1] - c[1]) ** 2 + ((idx[2] - c[2]) * zscale) ** 2)
         return d < radius * (1 + rough * _smooth_noise(rng, shape, 2.0))
 
-    ed = blob(centre, r_ed, 0.25)
-    et_region = blob(centre, 0.72 * r_ed, 0.2) & ed
-    ncr = blob(centre, 0.45 * r_ed, 0.25) & et_region
+    ed = blob(centre, r_ed, 0.25) & anatomy["brain"]
+    # strict nesting: each sub-region stays at least one voxel inside the one around it
+    et_region = blob(centre, 0.72 * r_ed, 0.2) & ndimage.binary_erosion(ed)
+    ncr = blob(centre, 0.45 * r_ed, 0.25) & ndimage.binary_erosion(et_region)
     for _ in range(rng.integers(0, 3)):  # discontinuous satellites near the main lesion
         off = rng.normal(0, r_ed * 0.9, 3) * np.array([1, 1, 1 / zscale])
         c = np.clip(centre + off, 0, np.array(shape) - 1)
-        sat = blob(c, rng.uniform(1.5, 3.0), 0.2)
+        sat = blob(c, rng.uniform(1.5, 3.0), 0.2) & anatomy["brain"]
         ed |= sat
         if rng.random() < 0.5:
-            et_region |= blob(c, 1.2, 0.1) & sat
-    brain = anatomy["brain"]
-    ed, et_region, ncr = ed & brain, et_region & brain, ncr & brain
+            et_region |= blob(c, 1.5, 0.1) & ndimage.binary_erosion(sat)
     return {"ED": ed & ~et_region, "ET": et_region & ~ncr, "NCR": ncr}
 
 
