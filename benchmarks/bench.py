@@ -111,7 +111,11 @@ def peak_rss_mb(n_batches: int, size: int) -> float:
 
 
 def finetune_step_times(cfg: dict, size: int, batch: int, reps: int, steps: int, device) -> dict:
-    """Median time of one fine-tuning step per method on the same batches (frozen encoder)."""
+    """Median time of one fine-tuning step per method on the same batches (frozen encoder).
+
+    The methods are interleaved within each repetition (round-robin, order rotated), so a slow
+    drift of the machine's speed hits every method alike instead of the one measured last.
+    """
     torch.manual_seed(0)
     x = torch.randn(batch, 1, size, size, device=device)
     y = torch.randint(0, 2, (batch, size, size), device=device)
@@ -120,23 +124,35 @@ def finetune_step_times(cfg: dict, size: int, batch: int, reps: int, steps: int,
     base = UNet2D(1, 2, cfg["base_channels"], cfg["depth"]).to(device)
     freeze_encoder(base)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    out = {}
-    for method in ("vanilla", "class_weight", "trs_map", "trm", "fg_only", "exp_only"):
+    methods = ["vanilla", "class_weight", "trs_map", "trm", "fg_only", "exp_only"]
+    runners = {}
+    for method in methods:
         model = UNet2D(1, 2, cfg["base_channels"], cfg["depth"]).to(device)
         model.load_state_dict(base.state_dict())
         freeze_encoder(model)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def run():
+        def run(method=method, model=model, opt=opt):
             for _ in range(steps):
                 loss = method_loss(method, model(x), y, hardness=h, class_weight=cw)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
 
-        t = timeit(run, reps, warmup=1, sync=sync)
-        out[method] = {k: (v / steps if k != "reps" else v) for k, v in t.items()}
-    return out
+        run()  # warm-up
+        runners[method] = run
+    times = {m: [] for m in methods}
+    for r in range(reps):
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for m in order:
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            runners[m]()
+            if sync:
+                sync()
+            times[m].append((time.perf_counter() - t0) / steps)
+    return {m: {"median": statistics.median(t), "min": min(t), "max": max(t), "reps": reps} for m, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -197,7 +213,7 @@ def main(argv=None) -> int:
     t_cfg = PRESETS["tutorial"]
     steps = 2 if fast else 10
     size_t = 32 if fast else t_cfg["image_size"]["iseg2019"]
-    step = finetune_step_times(t_cfg, size_t, t_cfg["batch_size"], reps, steps, device)
+    step = finetune_step_times(t_cfg, size_t, t_cfg["batch_size"], 2 if fast else 9, steps, device)
     res["finetune_step_seconds"] = step
     res["step_ratio_vs_vanilla"] = {m: v["median"] / step["vanilla"]["median"] for m, v in step.items()}
     res["trm_step_ratio_vs_vanilla"] = res["step_ratio_vs_vanilla"]["trm"]

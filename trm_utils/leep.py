@@ -15,6 +15,7 @@ state is a C_t x C_s matrix and two scalars, whatever the number of batches.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -35,19 +36,24 @@ def _to_tensor(x, name: str) -> torch.Tensor:
 
 
 def _check_probs(probs: torch.Tensor, dim: int, name: str = "probs") -> torch.Tensor:
+    """Finite, non-negative, summing to 1 along ``dim``; two reductions over the data."""
     if not torch.is_floating_point(probs):
         probs = probs.double()
-    if not torch.isfinite(probs).all():
+    if not probs.numel():
+        return probs
+    # any NaN or Inf entry makes its pixel's sum non-finite, and NaN propagates through
+    # aminmax, so one reduction over the sums checks finiteness and normalisation together
+    lo, hi = (float(v) for v in torch.aminmax(probs.sum(dim=dim)))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or Inf; check the source model's output")
-    if probs.numel() and probs.min() < -SUM_TOL:
+    if probs.min() < -SUM_TOL:
         raise ValueError(f"{name} has negative entries (min {probs.min().item():.3g}); pass softmax probabilities, not logits")
-    if probs.numel():
-        dev = (probs.sum(dim=dim) - 1).abs().max().item()
-        if dev > SUM_TOL:
-            raise ValueError(
-                f"{name} do not sum to 1 over the class axis (dim {dim}; max deviation {dev:.3g}); "
-                "apply softmax to the logits first"
-            )
+    dev = max(abs(lo - 1), abs(hi - 1))
+    if dev > SUM_TOL:
+        raise ValueError(
+            f"{name} do not sum to 1 over the class axis (dim {dim}; max deviation {dev:.3g}); "
+            "apply softmax to the logits first"
+        )
     return probs
 
 
@@ -150,6 +156,11 @@ def transferability_map(probs, labels, conditional) -> torch.Tensor:
     if conditional.ndim != 2:
         raise ValueError(f"conditional must be C_t x C_s, got shape {tuple(conditional.shape)}")
     probs, labels, _ = _check_pixel_inputs(probs, labels, None, conditional.shape[1], conditional.shape[0])
+    return _tmap(probs, labels, conditional)
+
+
+def _tmap(probs: torch.Tensor, labels: torch.Tensor, conditional: torch.Tensor) -> torch.Tensor:
+    """Eq. (4) on already-checked inputs."""
     cond = conditional.to(device=probs.device, dtype=probs.dtype)
     # expected empirical predictor for every target class, then pick each pixel's label
     eep = torch.einsum("yz,bzhw->byhw", cond, probs)
@@ -193,9 +204,8 @@ class PixelLEEP:
         if self._cond is not None:
             raise RuntimeError("update() after conditional()/score_update(): call reset() to start a new estimate")
         b, c_s = probs.shape[:2]
-        onehot = torch.nn.functional.one_hot(labels, self.num_target_classes).to(probs.dtype)  # B,H,W,C_t
-        if mask is not None:
-            onehot = onehot * mask[..., None].to(probs.dtype)
+        onehot = torch.zeros(*labels.shape, self.num_target_classes, dtype=probs.dtype, device=probs.device)
+        onehot.scatter_(-1, labels[..., None], 1.0 if mask is None else mask[..., None].to(probs.dtype))  # B,H,W,C_t
         # sum over pixels of theta_z * [y = label]: one batched matmul, no loop over pixels
         joint = torch.einsum("bzn,bny->yz", probs.reshape(b, c_s, -1), onehot.reshape(b, -1, self.num_target_classes))
         if self._joint is None:
@@ -220,7 +230,7 @@ class PixelLEEP:
     def score_update(self, probs, labels, mask=None) -> torch.Tensor:
         """Pass 2: accumulate the score over a batch; returns its B x H x W transferability maps."""
         probs, labels, mask = _check_pixel_inputs(probs, labels, mask, self.num_source_classes, self.num_target_classes)
-        tmap = transferability_map(probs, labels, self.conditional())
+        tmap = _tmap(probs, labels, self.conditional())
         if mask is not None:
             self._log_sum += float(tmap[mask].double().sum())
             self._n_scored += int(mask.sum())
