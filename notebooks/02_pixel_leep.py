@@ -18,8 +18,8 @@
 # - the **per-pixel transferability map** (eq. 4): where on an image a source is expected to transfer
 #   well, and where it is not. This map is what notebook 03 turns into a transfer risk map.
 #
-# **Compute budget** (tutorial preset, phantom): about 1.5 min on 2 CPU cores the first time (4 source
-# U-Nets are trained and cached), 20 s after; well under a minute on a GPU.
+# **Compute budget** (tutorial preset, phantom): about 3 min on 2 CPU cores the first time (4 source
+# U-Nets are trained and cached; the tumour ones for 1500 iterations), 30 s after; under a minute on a GPU.
 
 # %% [markdown]
 # ## 0. Setup
