@@ -16,7 +16,6 @@ Every figure is the median of several repetitions after a warm-up, with its spre
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

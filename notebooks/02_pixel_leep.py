@@ -65,9 +65,7 @@ tumour_targets = None
 
 # %%
 ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
-task_lists = {"tissue": (tissue_sources, tissue_targets), "tumour": (tumour_sources, tumour_targets)}
-families = {fam: (name, root, *E.family_tasks(name, preset, *task_lists[fam], all_targets=True))
-            for fam, (name, root) in ctx.data.items()}
+families = ctx.families(tissue_sources, tissue_targets, tumour_sources, tumour_targets, all_targets=True)
 for fam, (name, root, src, tgt) in families.items():
     print(f"{fam}: sources {src}; targets {tgt}")
 

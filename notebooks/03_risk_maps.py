@@ -39,7 +39,6 @@ if _root is not None and str(_root) not in sys.path:
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
 
@@ -65,8 +64,7 @@ bases = [2.0, 10.0, 100.0]  # exponential-scaling bases to compare; the paper us
 
 # %%
 ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
-task_lists = {"tissue": (tissue_sources, tissue_targets), "tumour": (tumour_sources, tumour_targets)}
-families = {fam: (name, root, *E.family_tasks(name, preset, *task_lists[fam])) for fam, (name, root) in ctx.data.items()}
+families = ctx.families(tissue_sources, tissue_targets, tumour_sources, tumour_targets)
 maps = {}  # (family, source, target) -> (train slices, transferability result)
 for fam, (name, root, src_tasks, tgt_tasks) in families.items():
     for target in tgt_tasks:

@@ -45,9 +45,7 @@ if _root is not None and str(_root) not in sys.path:
 import copy
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
 from scipy.stats import kendalltau
 
@@ -76,8 +74,7 @@ ablation_families = ["tissue"]
 
 # %%
 ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
-task_lists = {"tissue": (tissue_sources, tissue_targets), "tumour": (tumour_sources, tumour_targets)}
-families = {fam: (name, root, *E.family_tasks(name, preset, *task_lists[fam])) for fam, (name, root) in ctx.data.items()}
+families = ctx.families(tissue_sources, tissue_targets, tumour_sources, tumour_targets)
 for fam, (name, root, s, t) in families.items():
     print(f"{fam} grid ({name}): sources {s} x targets {t}; methods {methods}; seeds {ctx.seeds}")
 

@@ -1,6 +1,4 @@
 """Phantom, loaders and slice datasets (the same code reads the real data)."""
-import gzip
-import json
 import shutil
 
 import nibabel as nib

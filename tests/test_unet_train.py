@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from trm_utils import UNet2D, evaluate, finetune, freeze_encoder, get_device, reset_head, seed_everything, train_source
+from trm_utils import UNet2D, evaluate, finetune, get_device, reset_head, seed_everything, train_source
 from trm_utils.losses import METHODS
 
 

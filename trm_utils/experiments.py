@@ -12,9 +12,8 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -141,7 +140,6 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     checkpoint path. The cache key covers the data, the task, the architecture and the
     training settings, so a changed setting trains a new model.
     """
-    train = load_task(name, root, task, "train", cfg)
     ds = D.open_dataset(name, root)
     its = source_iterations(cfg, name)
     key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
@@ -157,6 +155,7 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
         model.load_state_dict(state["state_dict"])
         info = {"status": "loaded", "path": str(path), "seconds": state["history"].get("seconds")}
     else:
+        train = load_task(name, root, task, "train", cfg)
         hist = train_source(model, train, its, cfg["source_lr"], cfg["batch_size"],
                             device=device, seed=seed, show_progress=show_progress)
         atomic_torch_save({"state_dict": model.state_dict(), "history": hist}, path)

@@ -2,7 +2,6 @@
 save figures and tables into the run's output folder (so headless runs leave results)."""
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,14 @@ class Context:
     show_progress: bool
     preset: str
     saved: list = field(default_factory=list)
+
+    def families(self, tissue_sources=None, tissue_targets=None, tumour_sources=None, tumour_targets=None,
+                 all_targets: bool = False) -> dict:
+        """{family: (dataset name, root, sources, targets)} from the notebooks' task-list
+        parameters (None: the preset's grid; ``all_targets``: every task as a target)."""
+        lists = {"tissue": (tissue_sources, tissue_targets), "tumour": (tumour_sources, tumour_targets)}
+        return {fam: (name, root, *E.family_tasks(name, self.preset, *lists[fam], all_targets=all_targets))
+                for fam, (name, root) in self.data.items()}
 
     def save_fig(self, fig, name: str, dpi: int = 110) -> Path:
         """Save ``fig`` as PNG in the output folder (written atomically)."""

@@ -109,10 +109,3 @@ def reset_head(model: UNet2D, num_classes: int) -> UNet2D:
     model.num_classes = int(num_classes)
     return model
 
-
-def encoder_parameters(model: UNet2D):
-    return list(model.encoder.parameters())
-
-
-def trainable_parameters(model: nn.Module):
-    return [p for p in model.parameters() if p.requires_grad]
