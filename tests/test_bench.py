@@ -13,7 +13,7 @@ from trm_utils import REPO_ROOT, pixel_leep
 from benchmarks.bench import naive_pixel_leep
 
 KEYS = ["pixel_leep_speedup_vs_naive", "pixel_leep_fraction_of_forward", "pixel_leep_memory_growth_16x",
-        "trm_step_ratio_vs_vanilla"]
+        "trm_step_ratio_vs_vanilla", "cell_speedup_vs_per_run", "cell_speedup_vs_per_run_paper", "matmul_gflops"]
 
 
 def test_naive_baseline_computes_the_same_score():

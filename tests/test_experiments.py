@@ -51,3 +51,28 @@ def test_source_model_cache(phantom_root, tmp_path):
         assert (a == b).all()
     _, info3 = E.source_model("iseg2019", phantom_root, "GM-T1", E.get_preset("smoke", source_iterations=4), cache_dir=tmp_path)
     assert info3["status"] == "trained"  # a changed setting is a new model
+
+
+def test_run_grid_batched_equals_per_run(phantom_root, tmp_path):
+    cfg = E.get_preset("smoke", source_iterations=3, iterations=6, eval_every=3)
+    kw = dict(cfg=cfg, cache_dir=tmp_path, log=None)
+    a = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla", "trm"], [0, 1], engine="batched", **kw)
+    b = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla", "trm"], [0, 1], engine="per_run", **kw)
+    assert len(a) == len(b) == 4
+    key = ["source", "target", "method", "seed"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert (a[key] == b[key]).all().all()
+    assert a.dice.tolist() == pytest.approx(b.dice.tolist(), abs=1e-6)
+    assert a.final_loss.tolist() == pytest.approx(b.final_loss.tolist(), rel=1e-4)
+    with pytest.raises(ValueError, match="engine must be"):
+        E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["trm"], [0], engine="vmap", **kw)
+
+
+def test_few_shot_subset_differs_per_seed(phantom_root, tmp_path):
+    cfg = E.get_preset("smoke", source_iterations=3, iterations=2, eval_every=2)
+    df = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla"], [0, 1], cfg=cfg, cache_dir=tmp_path,
+                    log=None, max_slices=5)
+    assert df.subset_seed.tolist() == [0, 1] and (df.n_train_slices == 5).all()
+    s0 = E.load_task("iseg2019", phantom_root, "GM-T1", "train", cfg, max_slices=5, seed=0)
+    s1 = E.load_task("iseg2019", phantom_root, "GM-T1", "train", cfg, max_slices=5, seed=1)
+    assert list(zip(s0.subject_ids, s0.slice_index)) != list(zip(s1.subject_ids, s1.slice_index))

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import data as D
-from .train import evaluate, finetune, train_source, transferability
+from .train import evaluate, finetune, finetune_cell, train_source, transferability
 from .unet import UNet2D
 from .utils import REPO_ROOT, atomic_torch_save, atomic_write_text, cache_root, get_device, resolve_path, seed_everything
 
@@ -165,40 +165,54 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
 
 def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods: Iterable[str], seeds: Iterable[int],
              cfg: dict, device="auto", out_csv=None, show_progress=False, max_slices=None, cache_dir=None,
-             log=print) -> pd.DataFrame:
+             log=print, engine: str = "batched") -> pd.DataFrame:
     """Fine-tune every source on every other target with every method and seed.
 
-    One row per run: dataset, source, target, method, seed, dice (mean foreground Dice on the
-    target's held-out test subjects), dice_per_class, pixel_leep (the source's score on the
-    target training set), curve (held-out Dice every ``eval_every`` iterations, recorded for
-    analysis only), seconds. Written to ``out_csv`` after every cell, atomically.
+    A cell (source, target) fine-tunes all its methods x seeds at once with ``finetune_cell``
+    (``engine="batched"``, the default) or one run after another with ``finetune``
+    (``engine="per_run"``, the readable reference; the same numbers up to float rounding).
+    With ``max_slices`` (the few-shot study) each seed draws its own subset of the target's
+    training slices (recorded as ``subset_seed``), so the spread over seeds covers which slices
+    were labelled; the runs of one seed then form one batch.
+
+    One row per run: dataset, source, target, method, seed, subset_seed, dice (mean foreground
+    Dice on the target's held-out test subjects), dice_per_class, pixel_leep (the source's score
+    on the target training set), curve (held-out Dice every ``eval_every`` iterations, recorded
+    for analysis only), seconds (the cell's time shared out over its runs). Written to
+    ``out_csv`` after every cell, atomically.
     """
+    if engine not in ("batched", "per_run"):
+        raise ValueError(f"engine must be 'batched' or 'per_run', got {engine!r}")
+    if int(cfg["iterations"]) < 1:
+        raise ValueError(f"a grid needs iterations >= 1, got {cfg['iterations']}")
     device = get_device(device)
+    methods, seeds = list(methods), [int(s) for s in seeds]
     rows = []
     for target in targets:
-        train = load_task(name, root, target, "train", cfg, max_slices=max_slices, seed=0)
         test = load_task(name, root, target, "test", cfg)
+        # (subset seed, seeds trained on it): one subset for all seeds, or one per seed (few-shot)
+        groups = [(None, seeds)] if max_slices is None else [(s, [s]) for s in seeds]
+        trains = {g: load_task(name, root, target, "train", cfg, max_slices=max_slices, seed=g or 0) for g, _ in groups}
         for source in sources:
             if source == target:
                 continue
             src, _ = source_model(name, root, source, cfg, device=device, cache_dir=cache_dir, show_progress=show_progress)
-            tr = transferability(src, train, device=device)
             before = evaluate(src, test, device=device)["dice"]
-            for method in methods:
-                for seed in seeds:
-                    model = copy.deepcopy(src)
-                    t0 = time.perf_counter()
-                    hist = finetune(model, train, method, risk=tr["hardness"], iterations=cfg["iterations"], lr=cfg["lr"],
-                                    batch_size=cfg["batch_size"], eval_data=test, eval_every=cfg["eval_every"],
-                                    device=device, seed=int(seed), show_progress=show_progress)
-                    final = hist["eval"][-1] if hist["eval"] else evaluate(model, test, device=device)
+            for subset_seed, group_seeds in groups:
+                train = trains[subset_seed]
+                tr = transferability(src, train, device=device)
+                runs = [(m, s) for m in methods for s in group_seeds]
+                hists = _train_runs(src, train, test, runs, tr["hardness"], cfg, device, show_progress, engine)
+                for (method, seed), hist in zip(runs, hists):
+                    final = hist["eval"][-1]
                     rows.append({
-                        "dataset": name, "source": source, "target": target, "method": method, "seed": int(seed),
-                        "dice": final["dice"], "dice_per_class": json.dumps(final["dice_per_class"]),
+                        "dataset": name, "source": source, "target": target, "method": method, "seed": seed,
+                        "subset_seed": subset_seed, "dice": final["dice"],
+                        "dice_per_class": json.dumps(final["dice_per_class"]),
                         "dice_before": before, "pixel_leep": tr["score"], "n_train_slices": len(train),
                         "iterations": cfg["iterations"], "final_loss": hist["loss"][-1] if hist["loss"] else float("nan"),
                         "curve": json.dumps([[e["iteration"], e["dice"]] for e in hist["eval"]]),
-                        "seconds": time.perf_counter() - t0,
+                        "seconds": hist["seconds"], "engine": engine,
                     })
             if log:
                 cell = pd.DataFrame(rows)
@@ -207,6 +221,21 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
             if out_csv is not None:
                 write_csv(pd.DataFrame(rows), out_csv)
     return pd.DataFrame(rows)
+
+
+def _train_runs(src, train, test, runs, hardness, cfg, device, show_progress, engine) -> list:
+    """One history per (method, seed) run of a cell, each ending with its held-out Dice."""
+    kw = dict(iterations=cfg["iterations"], lr=cfg["lr"], batch_size=cfg["batch_size"], eval_data=test,
+              eval_every=cfg["eval_every"] or cfg["iterations"], device=device, show_progress=show_progress)
+    if engine == "batched":
+        return finetune_cell(src, train, runs, risk=hardness, precision=cfg.get("precision", "fp32"), **kw)
+    hists = []
+    for method, seed in runs:
+        t0 = time.perf_counter()
+        h = finetune(copy.deepcopy(src), train, method, risk=hardness, seed=seed, **kw)
+        h["seconds"] = time.perf_counter() - t0
+        hists.append(h)
+    return hists
 
 
 def write_csv(df: pd.DataFrame, path) -> Path:

@@ -13,6 +13,7 @@ never decodes files.
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Optional
 
@@ -132,14 +133,24 @@ def evaluate(model, data, num_classes: Optional[int] = None, batch_size: int = 3
     """
     images, labels = stack_data(data)
     c = _num_classes(data, labels, num_classes)
-    subjects = np.asarray(getattr(data, "subject_ids", np.zeros(len(labels), dtype=int)))
     preds = torch.empty_like(labels)
     for sl, probs in predict_probs(model, images, batch_size, device):
         preds[sl] = probs.argmax(1).cpu()
+    return score_predictions(preds, labels, _subjects_of(data, labels), c)
+
+
+def _subjects_of(data, labels) -> np.ndarray:
+    return np.asarray(getattr(data, "subject_ids", np.zeros(len(labels), dtype=int)))
+
+
+def score_predictions(preds: torch.Tensor, labels: torch.Tensor, subjects, num_classes: int) -> dict:
+    """``evaluate``'s Dice from predicted labels: per subject (one volume each), then the mean
+    over subjects per class, then over the foreground classes."""
+    subjects = np.asarray(subjects)
     per_subject = []
     for s in np.unique(subjects):
         idx = torch.as_tensor(np.nonzero(subjects == s)[0])
-        per_subject.append(dice_from_counts(*dice_counts(preds[idx], labels[idx], c)))
+        per_subject.append(dice_from_counts(*dice_counts(preds[idx], labels[idx], num_classes)))
     d = torch.stack(per_subject)  # subjects x classes
     per_class = torch.nanmean(d, dim=0)[1:]
     return {"dice": float(torch.nanmean(per_class)), "dice_per_class": per_class.tolist(), "n_subjects": len(per_subject)}
@@ -268,3 +279,232 @@ def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_
     if checkpoint_path is not None:
         atomic_torch_save({"state_dict": model.state_dict(), "history": history}, checkpoint_path)
     return history
+
+
+# ---------------------------------------------------------------------------------------
+# every run of a transfer cell at once (the fast path; ``finetune`` is the reference)
+# ---------------------------------------------------------------------------------------
+
+#: Default memory budget (MB) for the cached encoder outputs of one cell (train + held-out
+#: slices). The tutorial preset needs about 0.25 MB per slice, the paper preset about 28 MB
+#: (240 px): past the budget the encoder is recomputed per batch instead, with the same results.
+CACHE_BUDGET_MB = 2048
+
+
+def _run_spec(run) -> dict:
+    """A run of ``finetune_cell``: ``(method, seed)``, ``(method, seed, {options})`` or a dict
+    with ``method``, ``seed`` and optionally ``base`` and ``refresh_every``."""
+    if isinstance(run, dict):
+        spec = dict(run)
+    elif isinstance(run, (tuple, list)) and len(run) in (2, 3):
+        spec = {"method": run[0], "seed": run[1], **(run[2] if len(run) == 3 else {})}
+    else:
+        raise ValueError(f"a run is (method, seed), (method, seed, options) or a dict, got {run!r}")
+    unknown = set(spec) - {"method", "seed", "base", "refresh_every"}
+    if unknown:
+        raise ValueError(f"unknown run options {sorted(unknown)}; a run takes method, seed, base, refresh_every")
+    get_method(spec["method"])
+    if not isinstance(spec.get("seed"), (int, np.integer)) or spec["seed"] < 0:
+        raise ValueError(f"run {spec}: seed must be a non-negative integer")
+    spec["seed"] = int(spec["seed"])
+    spec["base"] = float(spec.get("base", 10.0))
+    spec["refresh_every"] = spec.get("refresh_every") or None
+    return spec
+
+
+def bf16_native() -> bool:
+    """Whether bfloat16 autocast pays on this machine's default device: a CUDA GPU that
+    supports it, or a CPU with native BF16 instructions (AVX-512 BF16 or AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _autocast_dtype(precision: str, device: torch.device):
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and not bf16_native()):
+        return None
+    return torch.bfloat16
+
+
+def finetune_cell(
+    model: UNet2D,
+    data,
+    runs,
+    risk: Optional[torch.Tensor] = None,
+    iterations: int = 5000,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    *,
+    num_classes: Optional[int] = None,
+    eval_data=None,
+    eval_every: Optional[int] = None,
+    device="auto",
+    show_progress: bool = True,
+    cache_budget_mb: Optional[float] = CACHE_BUDGET_MB,
+    precision: str = "fp32",
+    channels_last: bool = True,
+    return_models: bool = False,
+):
+    """Fine-tune every run of one transfer cell (one source ``model``, one target ``data``) at once.
+
+    Gives each run what ``finetune(copy.deepcopy(model), data, method, risk, ..., seed=seed)``
+    gives it: the same head initialisation, batch sequence, loss (eq. 7 for ``trm``), Adam
+    state and BatchNorm statistics (tested to float tolerance in float32), but computed
+    together: the frozen encoder's outputs on the slices are computed once
+    (``batched.EncoderCache``), every run's decoder runs on its own batch of them, and one
+    backward pass and one Adam step over all runs' parameters update every run (each run's
+    parameters see only its own loss; Adam is elementwise: M independent Adams).
+
+    Args:
+        model: the source U-Net (left unchanged).
+        runs: a list of ``(method, seed)``, ``(method, seed, {"base": b, "refresh_every": k})``
+            or dicts with those keys. ``refresh_every`` recomputes that run's maps with its own
+            current model every k iterations.
+        risk: the source's hardness maps H (eq. 5) on ``data``, N x H x W; computed here when
+            None and a method needs them.
+        eval_data, eval_every: held-out Dice of every run every k iterations (and at the end),
+            from one shared pass of the encoder; for analysis only, never used to pick a model.
+        cache_budget_mb: the memory allowed for the cached encoder outputs of the training and
+            held-out slices (``encoder_bytes_per_slice`` per slice, float32); past it (or with 0)
+            the encoder is recomputed for every batch: the same numbers, slower. ``None``: no limit.
+        precision: ``"fp32"`` (default; exact), ``"bf16"`` (bfloat16 autocast of the decoder's
+            forward pass; the loss, Adam and the weights stay float32) or ``"auto"`` (bf16 only
+            where the hardware does it natively, see ``bf16_native``). ``make bench`` measures
+            what bf16 buys and how much it moves the held-out Dice.
+        channels_last: keep decoders and features in the channels-last memory layout (faster
+            convolutions on CPUs and recent GPUs; the same numbers up to float rounding).
+        return_models: also return the M fine-tuned models (copies of ``model``).
+
+    Returns:
+        one history per run, in ``finetune``'s format (``method``, ``loss`` per iteration,
+        ``eval`` [{iteration, dice, dice_per_class, n_subjects}], ``refresh_seconds``,
+        ``seconds``: the cell's time divided by the number of runs), plus ``seed``, ``base``,
+        ``cell_seconds``, ``encoder_cached`` and ``precision``; with ``return_models``,
+        ``(histories, models)``.
+    """
+    from .batched import EncoderCache, cache_fits, decode
+
+    if int(iterations) < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if lr <= 0 or batch_size < 1:
+        raise ValueError(f"lr must be > 0 and batch_size >= 1, got lr={lr}, batch_size={batch_size}")
+    specs = [_run_spec(r) for r in runs]
+    if not specs:
+        raise ValueError("runs is empty; give at least one (method, seed)")
+    images, labels = stack_data(data)
+    c_t = _num_classes(data, labels, num_classes)
+    device = get_device(device)
+    amp = _autocast_dtype(precision, device)
+    model.to(device)
+    if risk is None and any(get_method(s["method"]).needs_hardness for s in specs):
+        risk = transferability(model, (images, labels), c_t, device=device)["hardness"]
+    if risk is not None:
+        risk = torch.as_tensor(risk, dtype=torch.float32)
+        if risk.shape != labels.shape:
+            raise ValueError(f"risk maps have shape {tuple(risk.shape)} but the training labels {tuple(labels.shape)}; "
+                             "compute them on the same slices")
+        risk = risk.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    models = []
+    for s in specs:  # each run's copy, its head seeded as finetune seeds it
+        m = copy.deepcopy(model)
+        seed_everything(s["seed"])
+        if m.num_classes != c_t:
+            reset_head(m, c_t)
+        models.append(freeze_encoder(m).to(device, memory_format=fmt).train())
+    M, N = len(specs), images.shape[0]
+    H, W = images.shape[-2:]
+    if eval_data is None or not eval_every:
+        eval_data = None
+    else:
+        ev_images, ev_labels = stack_data(eval_data)
+        ev_subjects = _subjects_of(eval_data, ev_labels)
+    n_ev = ev_images.shape[0] if eval_data is not None else 0
+    enc = copy.deepcopy(model).eval()
+    cached = cache_fits(enc, N + n_ev, H, W, cache_budget_mb)
+    train_cache = EncoderCache(enc, images, device, cached, channels_last=channels_last)
+    eval_cache = EncoderCache(enc, ev_images, device, cached, channels_last=channels_last) if eval_data is not None else None
+
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)  # one multi-tensor step for all runs
+    batches = [_Batches(N, batch_size, s["seed"]) for s in specs]
+    labels_d = labels.to(device)
+    hard = [risk if get_method(s["method"]).needs_hardness else None for s in specs]
+    cw = class_weights(torch.bincount(labels.reshape(-1), minlength=c_t)).to(device) \
+        if any(get_method(s["method"]).weight == "class" for s in specs) else None
+    hist = [{"method": s["method"], "seed": s["seed"], "base": s["base"], "loss": [], "eval": [], "refresh_seconds": []}
+            for s in specs]
+
+    def forward(m, levels):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = decode(models[m], levels)
+        return out[..., :H, :W].float()
+
+    @torch.no_grad()
+    def probs_all(cache, n, which):  # softmax of the runs ``which`` on every slice of ``cache``
+        for m in which:
+            models[m].eval()
+        try:
+            for s0 in range(0, n, 32):
+                sl = slice(s0, min(n, s0 + 32))
+                lv = cache.get(torch.arange(sl.start, sl.stop))
+                yield sl, {m: torch.softmax(forward(m, lv), dim=1) for m in which}
+        finally:
+            for m in which:
+                models[m].train()
+
+    def refresh(which):
+        t0 = time.perf_counter()
+        est = {m: PixelLEEP(models[m].num_classes, c_t) for m in which}
+        for sl, p in probs_all(train_cache, N, which):
+            for m in which:
+                est[m].update(p[m], labels_d[sl])
+        tm = {m: torch.empty(labels.shape, dtype=torch.float32) for m in which}
+        for sl, p in probs_all(train_cache, N, which):
+            for m in which:
+                tm[m][sl] = est[m].score_update(p[m], labels_d[sl]).cpu()
+        for m in which:
+            hard[m] = hardness_fn(tm[m]).to(device)
+            hist[m]["refresh_seconds"].append((time.perf_counter() - t0) / len(which))
+
+    def evaluate_all(it):
+        preds = torch.empty((M, *ev_labels.shape), dtype=torch.long)
+        for sl, p in probs_all(eval_cache, n_ev, range(M)):
+            for m in range(M):
+                preds[m, sl] = p[m].argmax(1).cpu()
+        for m in range(M):
+            hist[m]["eval"].append({"iteration": it, **score_predictions(preds[m], ev_labels, ev_subjects, c_t)})
+
+    t0 = time.perf_counter()
+    for it in _progress(range(1, int(iterations) + 1), show_progress, f"cell ({M} runs)"):
+        losses = []
+        for m, s in enumerate(specs):  # each run its own batch sequence, loss and weights
+            idx = batches[m].next().to(device)
+            losses.append(method_loss(s["method"], forward(m, train_cache.get(idx)), labels_d[idx],
+                                      hardness=None if hard[m] is None else hard[m][idx], class_weight=cw,
+                                      base=s["base"]))
+        losses = torch.stack(losses)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+        for h, v in zip(hist, losses.detach().cpu().tolist()):
+            h["loss"].append(v)
+        due = [m for m, s in enumerate(specs)
+               if s["refresh_every"] and hard[m] is not None and it % int(s["refresh_every"]) == 0 and it < iterations]
+        if due:
+            refresh(due)
+        if eval_cache is not None and (it % int(eval_every) == 0 or it == iterations):
+            evaluate_all(it)
+    seconds = time.perf_counter() - t0
+    for h in hist:
+        h.update(seconds=seconds / M, cell_seconds=seconds, encoder_cached=cached,
+                 precision="bf16" if amp is not None else "fp32")
+    if not return_models:
+        return hist
+    return hist, [m.to(memory_format=torch.contiguous_format).eval() for m in models]
