@@ -70,6 +70,28 @@ for fam, (name, root, src, tgt) in families.items():
     print(f"{fam}: sources {src}; targets {tgt}")
 
 # %% [markdown]
+# ## The data: real anatomy, synthetic everything else
+#
+# With `dataset="phantom"` (the default) the notebooks run on the embedded phantom, written to disk in the
+# real datasets' layouts and read back by the same loaders as the real data. **What is real** in it: the
+# anatomy, the ICBM152 2009 template that nilearn ships (an average of 152 adult brains: its cortical
+# folding, ventricles and deep grey nuclei). **What is synthetic**: every subject's variation (a random
+# elastic deformation, a small rotation and scaling, a left-right flip, bigger or smaller ventricles), the
+# modality contrasts (painted from the template's fuzzy tissue maps, partial volume kept), the infant-like
+# contrast of the iSeg-like set (an adult brain with low grey/white contrast, T1/T2 inverted, and a
+# myelination pattern), the acquisition differences between centres, and the tumours of the FeTS-like set.
+# Numbers measured on it say how the method behaves on this phantom, not on real patients.
+#
+# Below: three subjects of each set, every modality and the label, at the slice with the most label.
+
+# %%
+for fam, (name, root, _, _) in families.items():
+    fig = viz.data_overview(name, root, n_subjects=3)
+    fig.suptitle(f"{fam}: {name} under {root}", y=1.02, fontsize=10)
+    ctx.save_fig(fig, f"data_{fam}")
+    plt.show()
+
+# %% [markdown]
 # ## 1. From LEEP to pixel-LEEP
 #
 # A segmentation source model outputs, at every pixel $p$ of image $x_i$, a probability vector

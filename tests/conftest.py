@@ -5,7 +5,7 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-SMALL = {"shape": (32, 32, 10), "n_subjects": 4}
+SMALL = {"preset": "smoke"}
 
 
 @pytest.fixture(scope="session")

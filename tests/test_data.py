@@ -29,20 +29,45 @@ def test_layouts_on_disk(phantom_root):
 def test_label_values_and_nesting(phantom_root):
     v = open_dataset("iseg2019", phantom_root).load(1)
     assert set(np.unique(v["label"])) == {0, 10, 150, 250}
-    assert v["T1"].shape == (32, 32, 10)  # trailing singleton axis of the Analyze file dropped
+    assert v["T1"].ndim == 3  # trailing singleton axis of the Analyze file dropped
     f = open_dataset("fets2021", phantom_root)
     seg = f.load(f.subjects_in(13)[0])["label"]
     assert set(np.unique(seg)) <= {0, 1, 2, 4} and (seg == 2).any()
 
 
+def test_phantom_is_the_template_anatomy_deformed_per_subject():
+    cfg = ph.make_config("iseg2019", preset="tutorial")
+    tpl = ph.template(cfg.voxel_mm)
+    subs = [ph.subject_anatomy(cfg, np.random.default_rng([0, 2019, s])) for s in (1, 2)]
+    for a in subs:  # close to the template (same anatomy), not equal to it (own deformation)
+        assert a["mask"].shape == tpl["brain"].shape
+        overlap = (a["mask"] & (tpl["brain"] > 0.5)).sum() / (tpl["brain"] > 0.5).sum()
+        assert 0.8 < overlap < 0.995, overlap
+        assert set(np.unique(a["tissue"])) == {0, 1, 2, 3}
+        # argmax of the fuzzy maps inside the brain; partial volume kept in the maps
+        assert ((a["gm"] > 0.05) & (a["gm"] < 0.95) & a["mask"]).mean() > 0.05
+    assert not np.array_equal(subs[0]["tissue"], subs[1]["tissue"])
+    # grey and white matter are the big classes, CSF the small one, as in a real brain
+    frac = [np.mean(subs[0]["tissue"][subs[0]["mask"]] == k) for k in (1, 2, 3)]
+    assert frac[0] < frac[2] and frac[0] < frac[1] and 0.25 < frac[1] < 0.7
+
+
+def test_tissue_contrast_follows_the_fuzzy_maps(phantom_root):
+    v = open_dataset("iseg2019", phantom_root).load(2)
+    lab = v["label"]
+    t1 = {k: v["T1"][lab == val].mean() for k, val in (("CSF", 10), ("GM", 150), ("WM", 250))}
+    t2 = {k: v["T2"][lab == val].mean() for k, val in (("CSF", 10), ("GM", 150), ("WM", 250))}
+    assert t1["WM"] > t1["GM"] > t1["CSF"] and t2["CSF"] > t2["GM"] > t2["WM"]  # T1/T2 inversion
+
+
 def test_tumour_sub_regions_are_nested():
     from scipy import ndimage
 
-    cfg = ph.PhantomConfig(kind="fets2021", shape=(48, 48, 16))
+    cfg = ph.make_config("fets2021", preset="tutorial")
     for seed in range(4):
         rng = np.random.default_rng(seed)
-        anat = ph.brain_anatomy(rng, cfg.shape)
-        t = ph.tumour_masks(rng, anat, "large")
+        anat = ph.subject_anatomy(cfg, rng)
+        t = ph.tumour_masks(rng, anat, cfg.voxel_mm)
         assert t["NCR"].any() and t["ET"].any() and t["ED"].any()
         # NCR is surrounded by ET only; ET (with NCR inside) by ED only
         ncr_ring = ndimage.binary_dilation(t["NCR"]) & ~t["NCR"]
@@ -51,7 +76,25 @@ def test_tumour_sub_regions_are_nested():
         core_ring = ndimage.binary_dilation(core) & ~core
         assert not (core_ring & ~t["ED"]).any()
         assert not (t["ED"] & core).any() and not (t["ET"] & t["NCR"]).any()
-        assert not ((t["ED"] | core) & ~anat["brain"]).any()
+        assert not ((t["ED"] | core) & ~anat["mask"]).any()
+        assert (t["ED"] | core).sum() < 0.05 * anat["mask"].sum()  # small
+
+
+def test_partitions_mirror_the_real_files(phantom_root):
+    fets = phantom_root / "MICCAI_FeTS2021_TrainingData"
+    raw = (fets / "partitioning_2.csv").read_bytes()
+    assert raw.startswith(b"Subject_ID,Partition_ID\r\n") and not raw.endswith(b"\n")  # CRLF, no final newline
+    inst = {r.split(",")[1] for r in (fets / "partitioning_1.csv").read_text().splitlines()[1:]}
+    assert inst == {"01", "06"}  # zero-padded ids
+    p1 = open_dataset("fets2021", phantom_root, partitioning=1)
+    p2 = open_dataset("fets2021", phantom_root)
+    assert p2.partitions == [13, 14, 17, 18] and p1.partitions == [1, 6]
+    for part, institution in ((13, 1), (14, 1), (17, 6), (18, 6)):
+        assert {p1.partition_of[s] for s in p2.subjects_in(part)} == {institution}
+    tut = dict(ph.make_config("fets2021", preset="tutorial").fets_subjects)
+    assert min(tut[13], tut[14]) >= 2 * max(tut[17], tut[18])  # 13/14 much larger than 17/18
+    nums = sorted(int(s.split("_")[-1]) for s in p2.subjects)
+    assert nums[-1] >= len(nums)  # numbering may have gaps, as the real ids do
 
 
 def test_modality_contrasts_invert():
@@ -88,7 +131,6 @@ def test_open_dataset_accepts_root_or_folder(phantom_root):
     assert a.subjects == b.subjects == [1, 2, 3, 4]
     f = open_dataset("fets2021", phantom_root / "MICCAI_FeTS2021_TrainingData")
     assert f.partitions == sorted(ph.FETS_PARTITIONS)
-    assert open_dataset("fets2021", phantom_root, partitioning=1).partitions == sorted({v[0] for v in ph.FETS_PARTITIONS.values()})
 
 
 def test_iseg_names_case_insensitive(tmp_path, phantom_root):
@@ -97,7 +139,7 @@ def test_iseg_names_case_insensitive(tmp_path, phantom_root):
     for p in dst.glob("subject-1-*"):
         p.rename(p.with_name(p.name.upper().replace("SUBJECT", "Subject")))
     ds = open_dataset("iseg2019", tmp_path)
-    assert 1 in ds.subjects and ds.load(1)["T1"].shape == (32, 32, 10)
+    assert 1 in ds.subjects and ds.load(1)["T1"].shape == open_dataset("iseg2019", phantom_root).load(1)["T1"].shape
 
 
 def test_msd_labels_remapped_to_fets(phantom_root):
@@ -117,10 +159,13 @@ def test_task_slices_tissue(phantom_root, cache_dir):
     assert x.shape == (1, 40, 40) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert set(torch.unique(tr.labels).tolist()) == {0, 1}
     assert not set(tr.subject_ids) & set(te.subject_ids)  # split by subject
-    # z-score over brain voxels: brain pixels have mean ~0, std ~1 per volume
+    # z-score over brain voxels of the volume (before resizing): mean 0, std 1 per volume
+    vol = open_dataset("iseg2019", phantom_root).load(int(tr.subject_ids[0]))["T2"]
+    z = D.zscore_brain(vol)[vol != 0]
+    assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
     vals = tr.images[[s == tr.subject_ids[0] for s in tr.subject_ids]]
-    brain = vals[vals != 0]
-    assert abs(brain.mean()) < 0.1 and abs(brain.std() - 1) < 0.1
+    brain = vals[vals != 0]  # after resizing (interpolation smooths a little)
+    assert abs(brain.mean()) < 0.15 and 0.6 < brain.std() < 1.2
     assert list(cache_dir.glob("*.npz"))
 
 
@@ -129,11 +174,12 @@ def test_slices_without_brain_are_skipped(tmp_path, phantom_root, cache_dir):
     p = d / "subject-1-T2.hdr"
     img = np.asarray(nib.load(str(p)).dataobj).copy()
     img[:, :, :3] = 0  # three slices without brain
+    nz = img.shape[2]
     nib.save(nib.AnalyzeImage(img, np.eye(4)), str(p))
     full = task_slices("iseg2019", "GM-T2", phantom_root, "all", cache_dir=cache_dir)
     cut = task_slices("iseg2019", "GM-T2", tmp_path, "all", cache_dir=cache_dir)
     assert len(full) - len(cut) == 3
-    assert sorted(z for s, z in zip(cut.subject_ids, cut.slice_index) if s == "1") == list(range(3, 10))
+    assert sorted(z for s, z in zip(cut.subject_ids, cut.slice_index) if s == "1") == list(range(3, nz))
 
 
 def test_task_slices_tumour_and_few_shot(phantom_root, cache_dir):
@@ -189,42 +235,46 @@ def _rewrite(path, arr):
 
 def test_shape_mismatch(tmp_path, phantom_root):
     f = copy_set(phantom_root, tmp_path, "MICCAI_FeTS2021_TrainingData")
-    p = f / "FeTS21_Training_002" / "FeTS21_Training_002_t2.nii.gz"
+    sid = open_dataset("fets2021", tmp_path).subjects[1]
+    p = f / sid / f"{sid}_t2.nii.gz"
     _rewrite(p, np.ones((30, 32, 10), np.float32))
     with pytest.raises(DataError, match="shapes differ") as e:
-        open_dataset("fets2021", tmp_path).load("FeTS21_Training_002")
+        open_dataset("fets2021", tmp_path).load(sid)
     one_line(e)
 
 
 def test_unexpected_label_values(tmp_path, phantom_root):
     f = copy_set(phantom_root, tmp_path, "MICCAI_FeTS2021_TrainingData")
-    p = f / "FeTS21_Training_003" / "FeTS21_Training_003_seg.nii.gz"
+    sid = open_dataset("fets2021", tmp_path).subjects[2]
+    p = f / sid / f"{sid}_seg.nii.gz"
     seg = np.asarray(nib.load(str(p)).dataobj).copy()
     seg[0, 0, 0] = 3
     _rewrite(p, seg)
     with pytest.raises(DataError, match=r"unexpected label values \[3\]; expected a subset of \[0, 1, 2, 4\]") as e:
-        open_dataset("fets2021", tmp_path).load("FeTS21_Training_003")
+        open_dataset("fets2021", tmp_path).load(sid)
     one_line(e)
 
 
 def test_nan_voxels(tmp_path, phantom_root):
     f = copy_set(phantom_root, tmp_path, "MICCAI_FeTS2021_TrainingData")
-    p = f / "FeTS21_Training_004" / "FeTS21_Training_004_flair.nii.gz"
+    sid = open_dataset("fets2021", tmp_path).subjects[3]
+    p = f / sid / f"{sid}_flair.nii.gz"
     img = np.asarray(nib.load(str(p)).dataobj).copy()
     img[5, 5, 5] = np.nan
     _rewrite(p, img)
     with pytest.raises(DataError, match="NaN or Inf") as e:
-        open_dataset("fets2021", tmp_path).load("FeTS21_Training_004")
+        open_dataset("fets2021", tmp_path).load(sid)
     one_line(e)
 
 
 def test_truncated_nifti(tmp_path, phantom_root):
     f = copy_set(phantom_root, tmp_path, "MICCAI_FeTS2021_TrainingData")
-    p = f / "FeTS21_Training_005" / "FeTS21_Training_005_t1.nii.gz"
+    sid = open_dataset("fets2021", tmp_path).subjects[4]
+    p = f / sid / f"{sid}_t1.nii.gz"
     raw = p.read_bytes()
     p.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match="corrupt or truncated") as e:
-        open_dataset("fets2021", tmp_path).load("FeTS21_Training_005")
+        open_dataset("fets2021", tmp_path).load(sid)
     one_line(e)
 
 
@@ -235,9 +285,84 @@ def test_empty_partition(tmp_path, phantom_root):
     csv.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="unknown task '14-T1'"):
         task_slices("fets2021", "14-T1", tmp_path)
-    with pytest.raises(DataError, match="partition 14 has no subjects") as e:
+    with pytest.raises(DataError, match="partition 14 is not in") as e:
         open_dataset("fets2021", tmp_path).subjects_in(14)
     one_line(e)
+
+
+def test_partition_listed_but_without_folders_is_refused_at_parse(tmp_path, phantom_root):
+    f = copy_set(phantom_root, tmp_path, "MICCAI_FeTS2021_TrainingData")
+    ds = open_dataset("fets2021", tmp_path)
+    for s in ds.subjects_in(17):
+        shutil.rmtree(f / s)
+    with pytest.raises(DataError, match=r"partition 17 is listed in .*partitions with data: \[13, 14, 18\]") as e:
+        task_slices("fets2021", "17-T2", tmp_path)
+    one_line(e)
+
+
+def test_partition_columns_read_by_name(tmp_path, phantom_root):
+    f = copy_set(phantom_root, tmp_path, "MICCAI_FeTS2021_TrainingData")
+    before = open_dataset("fets2021", tmp_path).partition_of
+    p = f / "partitioning_2.csv"
+    rows = [r.split(",") for r in p.read_text().splitlines()]
+    p.write_bytes("\r\n".join(f"{b},{a}" for a, b in rows).encode())  # FeTS 2022 order: Partition_ID,Subject_ID
+    assert open_dataset("fets2021", tmp_path).partition_of == before
+    p.write_text("Subject,Part\nx,1\n")
+    with pytest.raises(DataError, match="header naming Subject_ID and Partition_ID"):
+        open_dataset("fets2021", tmp_path)
+
+
+def test_scaled_label_file_is_refused_with_the_fix(tmp_path, phantom_root):
+    f = copy_set(phantom_root, tmp_path, "MICCAI_FeTS2021_TrainingData")
+    sid = open_dataset("fets2021", tmp_path).subjects[0]
+    p = f / sid / f"{sid}_seg.nii.gz"
+    img = nib.load(str(p))
+    scaled = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    scaled.header.set_slope_inter(0.5, 0)
+    nib.save(scaled, str(p))
+    with pytest.raises(DataError, match=r"scale factor 0.5 .*get_unscaled") as e:
+        open_dataset("fets2021", tmp_path).load(sid)
+    one_line(e)
+
+
+def test_msd_ignores_appledouble_and_test_images(tmp_path, phantom_root):
+    d = copy_set(phantom_root, tmp_path, "Task01_BrainTumour")
+    (d / "imagesTr" / "._BRATS_001.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (d / "labelsTr" / "._BRATS_001.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (d / "imagesTs").mkdir()
+    shutil.copy(d / "imagesTr" / "BRATS_001.nii.gz", d / "imagesTs" / "BRATS_999.nii.gz")
+    ds = open_dataset("msd", tmp_path)
+    assert ds.subjects == open_dataset("msd", phantom_root).subjects and "BRATS_999" not in ds.subjects
+    assert len(task_slices("msd", "MSD-FLAIR", tmp_path, "all", image_size=16, cache_dir=tmp_path / "c")) > 0
+
+
+@pytest.mark.parametrize("shape", [(240, 240, 6), (197, 233, 6), (144, 192, 6)])
+def test_real_sized_slices_keep_the_whole_brain(tmp_path, shape):
+    """A brain filling a real-sized slice, with small structures at its edge, survives any image size."""
+    from trm_utils.slices import brain_box, fit_slices
+
+    X, Y, Z = shape
+    xx, yy = np.meshgrid(np.arange(X), np.arange(Y), indexing="ij")
+    brain2d = ((xx - X / 2) / (0.46 * X)) ** 2 + ((yy - Y / 2) / (0.46 * Y)) ** 2 < 1
+    brain = np.repeat(brain2d[:, :, None], Z, 2)
+    lab = np.zeros(shape, np.int64)
+    for (cx, cy) in ((0.1, 0.5), (0.9, 0.5), (0.5, 0.08), (0.5, 0.92)):  # four peripheral "lesions"
+        lab[int(cx * X) - 6:int(cx * X) + 6, int(cy * Y) - 6:int(cy * Y) + 6] = 1  # 12 px: >= 1 px at 32
+    lab &= brain
+    box = brain_box(brain)
+    for size in (32, 64, 192):
+        img = fit_slices(np.moveaxis(brain.astype(np.float32), 2, 0), box, size, labels=False)
+        out = fit_slices(np.moveaxis(lab, 2, 0), box, size, labels=True)
+        assert img.shape == out.shape == (Z, size, size)
+        assert set(np.unique(out)) <= {0, 1}  # nearest neighbour: exact label values
+        # every lesion is still there, in its own quadrant
+        h = size // 2
+        for q in (out[:, : h // 2], out[:, -h // 2:], out[:, :, : h // 2], out[:, :, -h // 2:]):
+            assert q.any()
+        # the brain spans the image along its longer side
+        cols = np.nonzero(img[0].any(0))[0]
+        rows = np.nonzero(img[0].any(1))[0]
+        assert max(np.ptp(cols), np.ptp(rows)) >= 0.85 * size
 
 
 def test_no_slices_left(tmp_path, phantom_root, cache_dir):

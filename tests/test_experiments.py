@@ -76,3 +76,17 @@ def test_few_shot_subset_differs_per_seed(phantom_root, tmp_path):
     s0 = E.load_task("iseg2019", phantom_root, "GM-T1", "train", cfg, max_slices=5, seed=0)
     s1 = E.load_task("iseg2019", phantom_root, "GM-T1", "train", cfg, max_slices=5, seed=1)
     assert list(zip(s0.subject_ids, s0.slice_index)) != list(zip(s1.subject_ids, s1.slice_index))
+
+
+def test_plateau_rule():
+    flat = [(100, 0.5), (700, 0.880), (800, 0.885), (900, 0.882), (1000, 0.884)]
+    assert E.plateau(flat)["ok"]
+    rising = [(100, 0.2), (700, 0.80), (800, 0.83), (900, 0.86), (1000, 0.89)]
+    p = E.plateau(rising)
+    assert not p["ok"] and p["rise"] == pytest.approx(0.09)  # still rising
+    dip = [(100, 0.2), (700, 0.88), (800, 0.90), (900, 0.86), (1000, 0.87)]
+    p = E.plateau(dip)
+    assert not p["ok"] and p["gap"] == pytest.approx(0.03)
+    assert not E.plateau([])["ok"]
+    df = pd.DataFrame([{"source": "A", "target": "B", "method": "trm", "seed": 0, "curve": "[[10, 0.1], [20, 0.3], [30, 0.2]]"}])
+    assert not E.plateau_table(df).ok.iloc[0]

@@ -14,7 +14,7 @@ from .leep import PixelLEEP, leep, pixel_leep, transferability_map
 from .losses import METHODS, class_weights, get_method, method_loss, weighted_cross_entropy
 from .metrics import dice_per_class, mean_foreground_dice
 from .risk import hardness, risk_from_hardness, risk_map
-from .train import evaluate, finetune, stack_data, train_source, transferability
+from .train import evaluate, finetune, finetune_cell, stack_data, train_source, transferability
 from .unet import UNet2D, freeze_encoder, reset_head
 from .utils import REPO_ROOT, get_device, resolve_path, seed_everything
 
@@ -25,7 +25,7 @@ __all__ = [
     "METHODS", "class_weights", "get_method", "method_loss", "weighted_cross_entropy",
     "dice_per_class", "mean_foreground_dice",
     "hardness", "risk_from_hardness", "risk_map",
-    "evaluate", "finetune", "stack_data", "train_source", "transferability",
+    "evaluate", "finetune", "finetune_cell", "stack_data", "train_source", "transferability",
     "UNet2D", "freeze_encoder", "reset_head",
     "REPO_ROOT", "get_device", "resolve_path", "seed_everything",
 ]

@@ -238,6 +238,35 @@ def _train_runs(src, train, test, runs, hardness, cfg, device, show_progress, en
     return hists
 
 
+def plateau(curve, tol: float = 0.01, tail: float = 1 / 3) -> dict:
+    """The plateau rule: has a held-out curve finished learning?
+
+    ``curve`` is ``[(iteration, dice), ...]`` (a run's held-out Dice, as ``run_grid`` records it).
+    Over the last ``tail`` of the run (by iteration) the final Dice must be within ``tol`` of the
+    window's maximum (it did not end in a dip) and no more than ``tol`` above the window's first
+    point (it is not still rising). Returns ``{"ok", "final", "tail_max", "gap", "rise"}``;
+    ``ok`` is False for an empty curve.
+    """
+    pts = sorted((int(i), float(d)) for i, d in curve)
+    if not pts:
+        nan = float("nan")
+        return {"ok": False, "final": nan, "tail_max": nan, "gap": nan, "rise": nan}
+    last_it = pts[-1][0]
+    window = [d for i, d in pts if i >= (1 - tail) * last_it - 1e-6]
+    final, top = pts[-1][1], max(window)
+    gap, rise = top - final, final - window[0]
+    return {"ok": bool(gap <= tol and rise <= tol), "final": final, "tail_max": top, "gap": gap, "rise": rise}
+
+
+def plateau_table(df: pd.DataFrame, tol: float = 0.01) -> pd.DataFrame:
+    """``plateau`` for every run of a grid (one row per run, from its ``curve`` column)."""
+    rows = []
+    for r in df.itertuples():
+        p = plateau(json.loads(r.curve), tol)
+        rows.append({"source": r.source, "target": r.target, "method": r.method, "seed": r.seed, **p})
+    return pd.DataFrame(rows)
+
+
 def write_csv(df: pd.DataFrame, path) -> Path:
     return atomic_write_text(resolve_path(path), df.to_csv(index=False))
 

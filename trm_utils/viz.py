@@ -46,3 +46,34 @@ def curves(curves_df: pd.DataFrame, title=""):
     ax.set_ylabel("held-out Dice (mean over grid)")
     ax.set_title(title)
     return fig
+
+
+def data_overview(name: str, root, subjects=None, n_subjects: int = 3):
+    """One row per subject: every modality and the label at the axial slice with the most label,
+    as the loaders read them (the phantom or the real data). Volumes are shown as stored."""
+    from .datasets import open_dataset
+
+    ds = open_dataset(name, root)
+    subjects = list(subjects) if subjects is not None else ds.subjects[:n_subjects]
+    mods = list(ds.modalities)
+    fig, axes = plt.subplots(len(subjects), len(mods) + 1, figsize=(2.1 * (len(mods) + 1), 2.3 * len(subjects)),
+                             squeeze=False)
+    for r, s in enumerate(subjects):
+        v = ds.load(s)
+        lab = v["label"]
+        z = int(np.argmax((lab > 0).sum(axis=(0, 1))))
+        for c, m in enumerate(mods + ["label"]):
+            ax = axes[r, c]
+            img = v[m][:, :, z].T
+            if m == "label":
+                ax.imshow(np.ma.masked_equal(img, 0), cmap="tab10" if lab.max() < 10 else "viridis", interpolation="nearest")
+            else:
+                ax.imshow(img, cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(m, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{s} (z={z})", fontsize=8)
+    fig.tight_layout()
+    return fig
