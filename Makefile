@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 NAME   ?= main
 PYTEST_ARGS ?=
 
-.PHONY: setup test run nbmake bench bench-fast calibrate clean-venv sync-notebooks
+.PHONY: setup test run nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links
 
 setup: $(VENV)/.installed
 
@@ -46,3 +46,8 @@ clean-venv:
 # How the phantom is calibrated (vanilla Dice vs the paper's range; same- vs cross-modality)
 calibrate: setup
 	$(BIN)/python benchmarks/calibrate_phantom.py
+
+# Point every Colab badge and setup cell at the repository: REPO=owner/name sets it in
+# pyproject.toml ([project.urls] Repository) first; without REPO, pyproject's URL is re-applied.
+colab-links: setup
+	@if [ -n "$(REPO)" ]; then $(BIN)/python -m trm_utils.colab set "$(REPO)"; else $(BIN)/python -m trm_utils.colab apply; fi

@@ -32,9 +32,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-if "google.colab" in sys.modules and not Path("transfer-risk-map").exists():
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/trm-tutorial/transfer-risk-map"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "transfer-risk-map"], check=True)
+REPO_URL = "https://github.com/trm-tutorial/transfer-risk-map"  # from pyproject.toml: `make colab-links REPO=owner/name`
+_in_repo = any((p / "trm_utils").is_dir() for p in [Path.cwd(), *Path.cwd().parents])
+if "google.colab" in sys.modules and not _in_repo:
+    if not Path("transfer-risk-map").exists():
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("TRM_REPO_URL", REPO_URL), "transfer-risk-map"],
+                       check=True)
+        # torch is a range in pyproject.toml: Colab's own torch is kept, never re-installed
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "transfer-risk-map"], check=True)
     os.chdir("transfer-risk-map/notebooks")
 _root = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "trm_utils").is_dir()), None)
 if _root is not None and str(_root) not in sys.path:
