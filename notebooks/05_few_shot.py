@@ -66,6 +66,7 @@ fewshot_source = "CSF-T1"
 fewshot_targets = None  # None: tutorial ["GM-T2", "WM-T1"]; paper: the other five tissue tasks
 fewshot_slices = None  # None: tutorial [100, 25, 12]; paper [400, 100, 50]
 methods = ["vanilla", "trm"]
+engine = "batched"  # batched: a cell's runs at once (finetune_cell) | per_run: one finetune after another
 
 # %%
 ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
@@ -79,15 +80,18 @@ print(f"source {fewshot_source} -> targets {targets}; training slices {sizes}; m
 
 # %% [markdown]
 # ## 1. Fine-tune with a capped target training set
-# For each size, `max_slices` draws that many slices from the target training subjects (with a fixed seed,
-# so every method and seed sees the same slices); the test subjects are the full held-out split.
+# For each size, `max_slices` draws that many slices from the target training subjects. **Each seed draws
+# its own subset** (recorded as `subset_seed`), and both methods of a seed train on the same one: the spread
+# over seeds then covers which slices were labelled as well as the training randomness. The risk map of a
+# run is computed on its own subset (pixel-LEEP's P(y|z) is estimated from the labelled slices only). The
+# test subjects are the full held-out split.
 
 # %%
 runs = []
 for n in sizes:
     print(f"--- {n} target slices")
     df = E.run_grid(name, root, [fewshot_source], targets, methods, ctx.seeds, ctx.cfg, device=ctx.device,
-                    max_slices=n, show_progress=ctx.show_progress)
+                    max_slices=n, show_progress=ctx.show_progress, engine=engine)
     df.insert(0, "n_slices", n)
     runs.append(df)
 runs = pd.concat(runs, ignore_index=True)
@@ -149,5 +153,6 @@ for n, r in rel.iterrows():
 # - With very few slices the source's knowledge matters more, and so does where fine-tuning puts its effort.
 #
 # ## Exercises
-# 1. Draw a different subset of slices per seed (`task_slices(..., max_slices=n, seed=s)`) and compare spreads.
+# 1. Fix the subset for every seed (`E.load_task(..., max_slices=n, seed=0)` and `finetune_cell` on it): how much
+#    of the spread above came from which slices were labelled?
 # 2. Add `class_weight` to `methods`: is the few-shot gain specific to the risk map?

@@ -90,3 +90,18 @@ def test_plateau_rule():
     assert not E.plateau([])["ok"]
     df = pd.DataFrame([{"source": "A", "target": "B", "method": "trm", "seed": 0, "curve": "[[10, 0.1], [20, 0.3], [30, 0.2]]"}])
     assert not E.plateau_table(df).ok.iloc[0]
+
+
+def test_dice_at_and_early_vs_final():
+    rows = []
+    for seed in (0, 1):
+        rows += [{"source": "A", "target": "X", "method": "vanilla", "seed": seed, "iterations": 30, "dice": 0.8,
+                  "curve": "[[10, 0.0], [20, 0.5], [30, 0.8]]"},
+                 {"source": "A", "target": "X", "method": "trm", "seed": seed, "iterations": 30, "dice": 0.8,
+                  "curve": "[[10, 0.4], [20, 0.7], [30, 0.8]]"}]
+    df = pd.DataFrame(rows)
+    assert E.dice_at(df, 15).dice.tolist() == [0.0, 0.4, 0.0, 0.4]
+    t = E.early_vs_final(df, 20)
+    assert t.loc["trm", ("at 20", "gain_pct")] == pytest.approx(40.0)
+    assert t.loc["trm", ("at 30 (end)", "gain_pct")] == pytest.approx(0.0)
+    assert len(E.stuck_runs(E.dice_at(df, 10))) == 2

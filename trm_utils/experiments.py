@@ -267,6 +267,32 @@ def plateau_table(df: pd.DataFrame, tol: float = 0.01) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def dice_at(df: pd.DataFrame, iteration: int) -> pd.DataFrame:
+    """The grid as it stood at ``iteration``: each run's held-out Dice at the last curve point at or
+    before it (the same runs, read early). Same columns as ``df``, ``dice`` replaced."""
+    out = df.copy()
+    vals = []
+    for c in df.curve:
+        pts = [d for i, d in json.loads(c) if i <= iteration]
+        vals.append(pts[-1] if pts else float("nan"))
+    out["dice"] = vals
+    out["iterations"] = iteration
+    return out
+
+
+def early_vs_final(df: pd.DataFrame, early: int) -> pd.DataFrame:
+    """Per method: ``summarize`` of the grid at iteration ``early`` and at the end, side by side."""
+    a, b = summarize(dice_at(df, early)), summarize(df)
+    cols = ["dice_mean", "dice_std", "gain_pct", "cells_won"]
+    last = int(df.iterations.max())
+    return pd.concat({f"at {early}": a[cols], f"at {last} (end)": b[cols]}, axis=1)
+
+
+def stuck_runs(df: pd.DataFrame, threshold: float = 0.05) -> pd.DataFrame:
+    """Runs that ended below ``threshold`` Dice (never left the all-background trap, typically)."""
+    return df[df.dice < threshold][["source", "target", "method", "seed", "dice"]]
+
+
 def write_csv(df: pd.DataFrame, path) -> Path:
     return atomic_write_text(resolve_path(path), df.to_csv(index=False))
 

@@ -77,3 +77,32 @@ def data_overview(name: str, root, subjects=None, n_subjects: int = 3):
                 ax.set_ylabel(f"{s} (z={z})", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def cell_curves(curves_df: pd.DataFrame, title="", mark=None, ncols: int = 4):
+    """Held-out Dice against iterations, one panel per (source, target) cell, one line per method
+    (mean over seeds, band = min-max over seeds). ``mark``: an iteration to draw as a dashed line."""
+    cells = curves_df[["source", "target"]].drop_duplicates().values.tolist()
+    ncols = min(ncols, len(cells))
+    nrows = int(np.ceil(len(cells) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows), squeeze=False, sharey=True)
+    order = [m for m in METHOD_ORDER if m in set(curves_df.method)]
+    colors = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    for ax, (src, tgt) in zip(axes.flat, cells):
+        d = curves_df[(curves_df.source == src) & (curves_df.target == tgt)]
+        for m in order:
+            g = d[d.method == m].groupby("iteration").dice
+            mean, lo, hi = g.mean(), g.min(), g.max()
+            ax.plot(mean.index, mean.values, color=colors[m], label=METHOD_LABEL.get(m, m), lw=1.4)
+            ax.fill_between(mean.index, lo.values, hi.values, color=colors[m], alpha=0.15, lw=0)
+        if mark and mark < d.iteration.max():
+            ax.axvline(mark, color="grey", ls="--", lw=0.8)
+        ax.set_title(f"{src} -> {tgt}", fontsize=9)
+        ax.set_xlabel("iteration")
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("held-out Dice")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
