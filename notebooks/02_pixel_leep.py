@@ -137,10 +137,29 @@ for fam, (name, root, src_tasks, _) in families.items():
         model, info = E.source_model(name, root, task, ctx.cfg, device=ctx.device, show_progress=ctx.show_progress)
         sources[(fam, task)] = model
         own = evaluate(model, E.load_task(name, root, task, "test", ctx.cfg), device=ctx.device)["dice"]
+        pl = info["plateau"] or {}
         rows.append({"family": fam, "source": task, "status": info["status"], "train_seconds": info["seconds"],
-                     "own_task_dice": own})
-        print(f"{task:>10}: {info['status']} ({info['path']}); Dice on its own test subjects {own:.3f}")
-ctx.save_table(pd.DataFrame(rows), "source_models")
+                     "own_task_dice": own, "plateaued": pl.get("ok"), "curve": info["curve"]})
+        print(f"{task:>10}: {info['status']} ({info['path']}); Dice on its own test subjects {own:.3f}; "
+              f"held-out curve {'flat at the end' if pl.get('ok') else 'NOT flat at the end'} by the plateau rule")
+source_table = pd.DataFrame(rows)
+ctx.save_table(source_table, "source_models")
+
+# %% [markdown]
+# A source that has not finished learning would make every transfer from it look worse than it is. Each
+# source's held-out Dice during pre-training (its own task's test subjects, for analysis only):
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.4))
+for r in source_table.itertuples():
+    if r.curve:
+        it, d = zip(*r.curve)
+        ax.plot(it, d, label=f"{r.source} ({r.family})")
+ax.set_xlabel("pre-training iteration")
+ax.set_ylabel("held-out Dice (own task)")
+ax.legend(fontsize=7)
+ctx.save_fig(fig, "source_curves")
+plt.show()
 
 # %% [markdown]
 # ## 3. Pixel-LEEP for every source → target pair

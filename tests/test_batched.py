@@ -120,3 +120,20 @@ def test_bad_runs_are_refused(cell, runs, match):
 def test_bad_precision_refused(cell):
     with pytest.raises(ValueError, match="precision must be"):
         finetune_cell(cell["src"], cell["data"], [("trm", 0)], iterations=1, precision="fp8", show_progress=False)
+
+
+def test_lr_decay_schedule_and_equivalence(cell):
+    from trm_utils.train import lr_at
+
+    assert [lr_at(i, 10, 1.0, None) for i in (1, 10)] == [1.0, 1.0]
+    sched = [lr_at(i, 10, 1.0, 0.3) for i in range(1, 11)]
+    assert sched[:7] == [1.0] * 7 and sched[7:] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    ref_model = copy.deepcopy(cell["src"])
+    ref = finetune(ref_model, cell["data"], "trm", iterations=12, lr=1e-3, batch_size=4, seed=0, lr_decay=0.5,
+                   show_progress=False)
+    got = finetune_cell(cell["src"], cell["data"], [("trm", 0)], iterations=12, lr=1e-3, batch_size=4, lr_decay=0.5,
+                        show_progress=False)[0]
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-4)
+    plain = finetune_cell(cell["src"], cell["data"], [("trm", 0)], iterations=12, lr=1e-3, batch_size=4,
+                          show_progress=False)[0]
+    assert plain["loss"][:7] == pytest.approx(got["loss"][:7], rel=1e-5) and plain["loss"][-1] != got["loss"][-1]

@@ -143,7 +143,7 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     ds = D.open_dataset(name, root)
     its = source_iterations(cfg, name)
     key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
-                      its, cfg["source_lr"], cfg["batch_size"], seed, 1])
+                      its, cfg["source_lr"], cfg["batch_size"], seed, cfg.get("source_lr_decay"), 2])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     cache_dir = resolve_path(cache_dir) if cache_dir is not None else cache_root() / "sources"
     path = Path(cache_dir) / f"{name}-{task}-{digest}.pt"
@@ -153,13 +153,18 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["state_dict"])
-        info = {"status": "loaded", "path": str(path), "seconds": state["history"].get("seconds")}
+        hist, status = state["history"], "loaded"
     else:
         train = load_task(name, root, task, "train", cfg)
-        hist = train_source(model, train, its, cfg["source_lr"], cfg["batch_size"],
-                            device=device, seed=seed, show_progress=show_progress)
+        test = load_task(name, root, task, "test", cfg)
+        hist = train_source(model, train, its, cfg["source_lr"], cfg["batch_size"], device=device, seed=seed,
+                            show_progress=show_progress, eval_data=test,
+                            eval_every=max(1, its // 20), lr_decay=cfg.get("source_lr_decay"))
         atomic_torch_save({"state_dict": model.state_dict(), "history": hist}, path)
-        info = {"status": "trained", "path": str(path), "seconds": hist["seconds"]}
+        status = "trained"
+    curve = [[e["iteration"], e["dice"]] for e in hist.get("eval", [])]
+    info = {"status": status, "path": str(path), "seconds": hist.get("seconds"), "curve": curve,
+            "plateau": plateau(curve) if curve else None}
     return model.to(device).eval(), info
 
 
@@ -226,7 +231,8 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
 def _train_runs(src, train, test, runs, hardness, cfg, device, show_progress, engine) -> list:
     """One history per (method, seed) run of a cell, each ending with its held-out Dice."""
     kw = dict(iterations=cfg["iterations"], lr=cfg["lr"], batch_size=cfg["batch_size"], eval_data=test,
-              eval_every=cfg["eval_every"] or cfg["iterations"], device=device, show_progress=show_progress)
+              eval_every=cfg["eval_every"] or cfg["iterations"], device=device, show_progress=show_progress,
+              lr_decay=cfg.get("lr_decay"))
     if engine == "batched":
         return finetune_cell(src, train, runs, risk=hardness, precision=cfg.get("precision", "fp32"), **kw)
     hists = []

@@ -67,6 +67,17 @@ def _num_classes(data, labels: torch.Tensor, given: Optional[int]) -> int:
     return int(labels.max()) + 1
 
 
+def lr_at(it: int, iterations: int, lr: float, decay: Optional[float]) -> float:
+    """The learning rate of iteration ``it`` (1-based): ``lr`` throughout, or with ``decay`` = f,
+    constant for the first (1 - f) of the run and then falling linearly to ``lr / (f T)`` at the
+    last iteration T (a decay over the final part of a run steadies a noisy curve's end; the
+    preset says when it is used)."""
+    if not decay:
+        return lr
+    span = max(1.0, float(decay) * iterations)
+    return lr * min(1.0, (iterations - it + 1) / span)
+
+
 class _Batches:
     """Seeded epoch-wise shuffling; same seed, same batch sequence."""
 
@@ -167,15 +178,21 @@ def train_source(
     seed: int = 0,
     show_progress: bool = True,
     checkpoint_path=None,
+    eval_data=None,
+    eval_every: Optional[int] = None,
+    lr_decay: Optional[float] = None,
 ) -> dict:
     """Pre-train ``model`` (all layers, plain cross-entropy, Adam) on the source task, in place.
 
-    The paper does not state its source learning rate; 1e-3 is our choice. Returns a
-    history ``{"loss": [...], "seconds": float}``; saves ``{"state_dict", "history"}``
-    atomically to ``checkpoint_path`` when given.
+    The paper does not state its source learning rate; 1e-3 is our choice. ``eval_data`` /
+    ``eval_every``: the source task's held-out Dice every k iterations (the curve that shows the
+    source finished learning; never used to pick a model). ``lr_decay``: see ``finetune``.
+    Returns a history ``{"loss": [...], "eval": [...], "seconds": float}``; saves
+    ``{"state_dict", "history"}`` atomically to ``checkpoint_path`` when given.
     """
     return _fit(model, data, "vanilla", iterations, lr, batch_size, device=device, seed=seed,
-                show_progress=show_progress, checkpoint_path=checkpoint_path, desc="source")
+                show_progress=show_progress, checkpoint_path=checkpoint_path, desc="source",
+                eval_data=eval_data, eval_every=eval_every, lr_decay=lr_decay)
 
 
 def finetune(
@@ -196,6 +213,7 @@ def finetune(
     seed: int = 0,
     show_progress: bool = True,
     checkpoint_path=None,
+    lr_decay: Optional[float] = None,
 ) -> dict:
     """Fine-tune a source ``model`` on the target ``data`` with ``method``'s loss, in place.
 
@@ -212,6 +230,8 @@ def finetune(
             default; the paper's maps are static).
         eval_data, eval_every: held-out Dice every k iterations, recorded for analysis only
             (never used to pick a model).
+        lr_decay: the final fraction of the run over which the learning rate falls linearly
+            (``lr_at``); None keeps it constant, as the paper does.
 
     Returns:
         history dict: ``loss`` (per iteration), ``eval`` (list of {iteration, dice}),
@@ -237,12 +257,12 @@ def finetune(
     return _fit(model, (images, labels), method, iterations, lr, batch_size, device=device_t, seed=seed,
                 show_progress=show_progress, checkpoint_path=checkpoint_path, desc=method, hardness=risk,
                 class_weight=cw, base=base, refresh_every=refresh_every, eval_data=eval_data,
-                eval_every=eval_every, num_classes=c_t)
+                eval_every=eval_every, num_classes=c_t, lr_decay=lr_decay)
 
 
 def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_progress, checkpoint_path, desc,
          hardness=None, class_weight=None, base=10.0, refresh_every=None, eval_data=None, eval_every=None,
-         num_classes=None) -> dict:
+         num_classes=None, lr_decay=None) -> dict:
     if int(iterations) < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if lr <= 0 or batch_size < 1:
@@ -263,6 +283,8 @@ def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_
         x, y = images[idx].to(device), labels[idx].to(device)
         h = hardness[idx].to(device) if hardness is not None else None
         loss = method_loss(method, model(x), y, hardness=h, class_weight=class_weight, base=base)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, int(iterations), lr, lr_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -350,6 +372,7 @@ def finetune_cell(
     precision: str = "fp32",
     channels_last: bool = True,
     return_models: bool = False,
+    lr_decay: Optional[float] = None,
 ):
     """Fine-tune every run of one transfer cell (one source ``model``, one target ``data``) at once.
 
@@ -380,6 +403,7 @@ def finetune_cell(
         channels_last: keep decoders and features in the channels-last memory layout (faster
             convolutions on CPUs and recent GPUs; the same numbers up to float rounding).
         return_models: also return the M fine-tuned models (copies of ``model``).
+        lr_decay: as in ``finetune`` (the same schedule for every run).
 
     Returns:
         one history per run, in ``finetune``'s format (``method``, ``loss`` per iteration,
@@ -490,6 +514,8 @@ def finetune_cell(
                                       hardness=None if hard[m] is None else hard[m][idx], class_weight=cw,
                                       base=s["base"]))
         losses = torch.stack(losses)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, int(iterations), lr, lr_decay)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
