@@ -6,7 +6,7 @@ the gap between same-modality and cross-modality sources (the negative transfer 
 Fine-tunes long enough for the held-out curves to flatten (lr 1e-3, 1000 iterations by default,
 each run checked by the plateau rule ``experiments.plateau``), so the Dice it reports are where
 the runs end, not how fast they learn. Prints one line per (source, target) and a verdict per
-family; writes runs/calibration/calibration.csv and .json. About 20 minutes on 2 CPU cores.
+family; writes runs/calibration/calibration_<families>.csv and .json. About 20 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=["vanilla", "trm"])
+    ap.add_argument("--families", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--out", default=str(REPO / "runs" / "calibration"))
     args = ap.parse_args(argv)
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     frames, verdict = [], {}
     for fam, pairs in PAIRS.items():
+        if fam not in args.families:
+            continue
         name, root = sets[fam]
         for target, (same, cross) in pairs.items():
             df = E.run_grid(name, root, [same, cross], [target], args.methods, args.seeds, cfg, log=None)
@@ -82,10 +85,10 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames).to_csv(out / "calibration.csv", index=False)
+    pd.concat(frames).to_csv(out / f"calibration_{'_'.join(args.families)}.csv", index=False)
     verdict["seeds"], verdict["preset"], verdict["seconds"] = args.seeds, args.preset, time.perf_counter() - t0
     verdict["iterations"], verdict["lr"] = args.iterations, args.lr
-    atomic_write_json(out / "calibration.json", verdict)
+    atomic_write_json(out / f"calibration_{'_'.join(args.families)}.json", verdict)
     print(f"{time.perf_counter() - t0:.0f} s; wrote {out}")
     return 0
 

@@ -77,7 +77,7 @@ def test_tumour_sub_regions_are_nested():
         assert not (core_ring & ~t["ED"]).any()
         assert not (t["ED"] & core).any() and not (t["ET"] & t["NCR"]).any()
         assert not ((t["ED"] | core) & ~anat["mask"]).any()
-        assert (t["ED"] | core).sum() < 0.05 * anat["mask"].sum()  # small
+        assert (t["ED"] | core).sum() < 0.15 * anat["mask"].sum()  # a lesion, not a lobe
 
 
 def test_partitions_mirror_the_real_files(phantom_root):

@@ -37,8 +37,17 @@ PRESETS = {
         # the tumour sources need longer to find the small sub-regions (NCR, ET) at all
         "source_iterations": {"iseg2019": 500, "fets2021": 1500, "msd": 1500},
         "source_lr": 2e-3,
-        "iterations": 150,
+        "source_lr_decay": 0.3,
+        # Fine-tuning budget from the held-out curves (benchmarks/calibrate_phantom.py, phantom v6):
+        # at lr 1e-3 held constant the tissue curves were still creeping up at 600-700 iterations and
+        # the tumour curves (a few test subjects, small structures) jumped by 0.01-0.07 to the end of
+        # 1000. The paper's lr 1e-4 needs its 5000 iterations, 10x what 2 CPU cores afford in the main
+        # job, so the tutorial uses 1e-3 with a linear decay over the final 40 % of 500 iterations
+        # (the remedy for a noisy end; never a checkpoint picked by its held-out Dice). Notebook 04
+        # checks every run against the plateau rule and says which did not flatten.
+        "iterations": 500,
         "lr": 1e-3,
+        "lr_decay": 0.4,
         "eval_every": 25,
     },
     # a seconds-long run of every code path, for the tests (not for results)
@@ -52,6 +61,7 @@ PRESETS = {
         "source_lr": 1e-3,
         "iterations": 6,
         "lr": 1e-3,
+        "lr_decay": 0.5,
         "eval_every": 3,
     },
     "paper": {
@@ -75,10 +85,12 @@ PAPER_TASKS = {
     "msd": ["MSD-FLAIR", "MSD-T1", "MSD-T1CE", "MSD-T2"],
 }
 #: Small grids a CPU affords: same-modality / cross-modality and cross-task / cross-centre pairs.
+#: (Sized for the main job's 20 minutes on 2 CPU cores at a converged budget: one target per family,
+#: a same-modality and a cross-modality source; the full grids are the paper preset's.)
 TUTORIAL_GRID = {
-    "iseg2019": {"sources": ["WM-T1", "CSF-T2"], "targets": ["GM-T1", "GM-T2"]},
-    "fets2021": {"sources": ["14-FLAIR", "17-T2"], "targets": ["13-T1", "18-FLAIR"]},
-    "msd": {"sources": ["MSD-FLAIR", "MSD-T2"], "targets": ["MSD-T1", "MSD-T1CE"]},
+    "iseg2019": {"sources": ["WM-T2", "WM-T1"], "targets": ["GM-T2"]},
+    "fets2021": {"sources": ["14-FLAIR", "14-T2"], "targets": ["18-FLAIR"]},
+    "msd": {"sources": ["MSD-FLAIR", "MSD-T2"], "targets": ["MSD-T1CE"]},
 }
 
 

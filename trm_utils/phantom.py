@@ -67,8 +67,9 @@ FETS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 #: partitioning_2 id -> partitioning_1 institution, as in the real FeTS 2021 files
 FETS_PARTITIONS = {13: 1, 14: 1, 17: 6, 18: 6}
-#: the oedema radius range (mm) of a main lesion; the same for every partition (see above)
-TUMOUR_RADIUS_MM = (14.0, 26.0)
+#: the oedema radius range (mm) of a main lesion, the same for every partition (see above); a
+#: 20-34 mm radius is a 34-165 cm3 lesion, around the whole-tumour volumes of BraTS-like data
+TUMOUR_RADIUS_MM = (20.0, 34.0)
 
 PHANTOM_MANIFEST = ".phantom.json"
 NOTICE = REPO_ROOT / "reference" / "ICBM152_2009_NOTICE.txt"
@@ -120,6 +121,7 @@ class PhantomConfig:
     scale: float = 0.06
     flip: float = 0.5
     ventricle: float = 0.35
+    tumour_radius_mm: tuple = TUMOUR_RADIUS_MM
     version: int = 6
     extra: dict = field(default_factory=dict)
 
@@ -130,6 +132,7 @@ class PhantomConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fets_subjects"] = [list(p) for p in self.fets_subjects]
+        d["tumour_radius_mm"] = list(self.tumour_radius_mm)
         return d
 
 
@@ -247,7 +250,7 @@ def keep_slices(cfg: PhantomConfig, mask: np.ndarray) -> slice:
     return slice(int(keep[0]), int(keep[-1]) + 1)
 
 
-def tumour_masks(rng, anat: dict, voxel_mm: float) -> dict:
+def tumour_masks(rng, anat: dict, voxel_mm: float, radius_mm: tuple = TUMOUR_RADIUS_MM) -> dict:
     """Nested tumour sub-regions NCR inside ET inside ED, plus small satellite lesions, grown
     inside the brain from a centre in grey or white matter away from the brain's edge."""
     mask = anat["mask"]
@@ -256,7 +259,7 @@ def tumour_masks(rng, anat: dict, voxel_mm: float) -> dict:
     cand = np.argwhere(inner if inner.any() else mask)
     centre = cand[rng.integers(len(cand))]
     idx = np.indices(shape).astype(np.float32)
-    r_ed = rng.uniform(*TUMOUR_RADIUS_MM) / voxel_mm
+    r_ed = rng.uniform(*radius_mm) / voxel_mm
     rough_sigma = max(1.0, 4.0 / voxel_mm)
 
     def blob(c, radius, rough):
@@ -349,7 +352,7 @@ def fets_subject(cfg: PhantomConfig, partition: int, index: int) -> dict:
     """One tumour subject of a partition: t1, t1ce, t2, flair and seg (0/1/2/4)."""
     rng = np.random.default_rng([cfg.seed, 2021, partition, index])
     anat = subject_anatomy(cfg, rng)
-    tum = tumour_masks(rng, anat, cfg.voxel_mm)
+    tum = tumour_masks(rng, anat, cfg.voxel_mm, tuple(cfg.tumour_radius_mm))
     lesion = (tum["ED"] | tum["ET"] | tum["NCR"]).astype(np.float32)
     keep = 1 - lesion
     fuzzy = {"CSF": anat["csf"] * keep, "GM": anat["gm"] * keep, "WM": anat["wm"] * keep,
