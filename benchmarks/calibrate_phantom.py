@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-decay", type=float, default=None,
+                    help="final fraction of the run over which the learning rate decays (default: constant)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=["vanilla", "trm"])
     ap.add_argument("--families", nargs="+", default=list(PAIRS), choices=list(PAIRS))
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "calibration"))
     args = ap.parse_args(argv)
     cfg = E.get_preset(args.preset, iterations=args.iterations, lr=args.lr, eval_every=args.eval_every)
+    cfg["lr_decay"] = args.lr_decay
     sets = E.resolve_datasets("phantom", args.data_dir, args.preset)
     t0 = time.perf_counter()
     frames, verdict = [], {}
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pd.concat(frames).to_csv(out / f"calibration_{'_'.join(args.families)}.csv", index=False)
     verdict["seeds"], verdict["preset"], verdict["seconds"] = args.seeds, args.preset, time.perf_counter() - t0
-    verdict["iterations"], verdict["lr"] = args.iterations, args.lr
+    verdict["iterations"], verdict["lr"], verdict["lr_decay"] = args.iterations, args.lr, args.lr_decay
     atomic_write_json(out / f"calibration_{'_'.join(args.families)}.json", verdict)
     print(f"{time.perf_counter() - t0:.0f} s; wrote {out}")
     return 0
