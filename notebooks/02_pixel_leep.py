@@ -18,8 +18,8 @@
 # - the **per-pixel transferability map** (eq. 4): where on an image a source is expected to transfer
 #   well, and where it is not. This map is what notebook 03 turns into a transfer risk map.
 #
-# **Compute budget** (tutorial preset, phantom): about 3 min on 2 CPU cores the first time (4 source
-# U-Nets are trained and cached; the tumour ones for 1500 iterations), 30 s after; under a minute on a GPU.
+# **Compute budget** (tutorial preset, phantom): about 4.5 min on 2 CPU cores the first time (the phantom is
+# written, 4 source U-Nets are trained and cached; the tumour ones for 1500 iterations), under a minute after.
 
 # %% [markdown]
 # ## 0. Setup
