@@ -12,6 +12,9 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/trm-tutorial/transfer-risk-map/blob/main/notebooks/02_pixel_leep.ipynb)
 #
 # **What you will learn**
+# - what the data are: with the default `dataset="phantom"`, **real anatomy** (the MNI152 2009 template, an
+#   average of 152 adult brains) with **synthetic** subjects' variation, contrasts, infant contrast and tumours
+#   (the section after the setup shows them and says exactly which is which);
 # - how LEEP (notebook 01) becomes a segmentation score when *every pixel* is an instance (eq. 3);
 # - how to stream it over batches in two passes, with memory that does not grow with the data;
 # - how to pre-train source U-Nets and score every source for every target (a transferability matrix);

@@ -47,12 +47,14 @@ if _root is not None and str(_root) not in sys.path:
     sys.path.insert(0, str(_root))
 
 # %%
+import copy
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from scipy.stats import kendalltau
 
-from trm_utils import METHODS, finetune_cell, method_loss, risk_map, transferability
+from trm_utils import METHODS, finetune, finetune_cell, method_loss, risk_map, transferability
 from trm_utils import experiments as E
 from trm_utils import viz
 from trm_utils.notebook import setup
@@ -121,6 +123,26 @@ pd.DataFrame({m: [round(float(method_loss(m, logits, labels, hardness=H_toy,
 # method and seed. Dice is the mean over foreground classes of the per-subject 3D Dice on the test subjects.
 # The held-out Dice is also recorded every few iterations, **for analysis only** (section 5): no model is
 # ever selected on it.
+#
+# **One run, then all of a cell's runs at once.** `finetune` is the protocol written out for one run: copy
+# the source, freeze its encoder, re-initialise the head if the class count differs, Adam on the decoder with
+# the method's loss. A cell's runs (every method x seed) share the source and the slices, and the encoder is
+# frozen, so `finetune_cell` computes the encoder's outputs once and trains every run's decoder in one
+# backward pass and one Adam step (Adam is elementwise: one Adam over all runs' parameters is independent
+# Adams). It is how the grid below runs; here both paths train the same run for a few iterations, to show
+# they agree.
+
+# %%
+name0, root0, src0, tgt0 = next(iter(families.values()))
+demo_train = E.load_task(name0, root0, tgt0[0], "train", ctx.cfg)
+demo_src, _ = E.source_model(name0, root0, src0[0], ctx.cfg, device=ctx.device)
+one = finetune(copy.deepcopy(demo_src), demo_train, "trm", iterations=10, lr=ctx.cfg["lr"],
+               batch_size=ctx.cfg["batch_size"], device=ctx.device, seed=ctx.seeds[0], show_progress=False)
+many = finetune_cell(demo_src, demo_train, [("trm", ctx.seeds[0]), ("vanilla", ctx.seeds[0])], iterations=10,
+                     lr=ctx.cfg["lr"], batch_size=ctx.cfg["batch_size"], device=ctx.device, show_progress=False)
+print("trm losses, finetune:      ", [round(v, 5) for v in one["loss"][-3:]])
+print("trm losses, finetune_cell: ", [round(v, 5) for v in many[0]["loss"][-3:]])
+assert max(abs(a - b) / abs(a) for a, b in zip(one["loss"], many[0]["loss"])) < 1e-3
 
 # %%
 grids = {}
