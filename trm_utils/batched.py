@@ -23,10 +23,9 @@ processor has native BF16; see ``train.finetune_cell``'s ``precision``).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .unet import UNet2D
