@@ -471,7 +471,7 @@ def finetune_cell(
         return out[..., :H, :W].float()
 
     @torch.no_grad()
-    def probs_all(cache, n, which):  # softmax of the runs ``which`` on every slice of ``cache``
+    def probs_all(cache, n, which):  # softmax of the runs ``which`` on every slice of ``cache`` (encoder cached)
         for m in which:
             models[m].eval()
         try:
@@ -483,19 +483,12 @@ def finetune_cell(
             for m in which:
                 models[m].train()
 
-    def refresh(which):
-        t0 = time.perf_counter()
-        est = {m: PixelLEEP(models[m].num_classes, c_t) for m in which}
-        for sl, p in probs_all(train_cache, N, which):
-            for m in which:
-                est[m].update(p[m], labels_d[sl])
-        tm = {m: torch.empty(labels.shape, dtype=torch.float32) for m in which}
-        for sl, p in probs_all(train_cache, N, which):
-            for m in which:
-                tm[m][sl] = est[m].score_update(p[m], labels_d[sl]).cpu()
+    def refresh(which):  # each run's maps from its own current model, as finetune recomputes them
         for m in which:
-            hard[m] = hardness_fn(tm[m]).to(device)
-            hist[m]["refresh_seconds"].append((time.perf_counter() - t0) / len(which))
+            t0 = time.perf_counter()
+            hard[m] = transferability(models[m], (images, labels), c_t, device=device)["hardness"].to(device)
+            models[m].train()
+            hist[m]["refresh_seconds"].append(time.perf_counter() - t0)
 
     def evaluate_all(it):
         preds = torch.empty((M, *ev_labels.shape), dtype=torch.long)
