@@ -94,6 +94,31 @@ TUTORIAL_GRID = {
 }
 
 
+def parse_method(label: str) -> tuple:
+    """A grid's method label -> ``(method, options)`` for ``finetune`` / ``finetune_cell``.
+
+    A plain name (``trm``) is the method with its defaults; ``name@key=value[,key=value]`` is a
+    variant for the ablations: ``base`` (the exponential's base, eq. 6; the paper's 10) and
+    ``refresh`` (recompute the maps every k iterations with the current model), e.g.
+    ``trm@base=2`` or ``trm@refresh=100``.
+    """
+    from .losses import get_method
+
+    name, _, rest = str(label).partition("@")
+    get_method(name)  # a clear error naming the valid methods
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in ("base", "refresh") or not eq:
+            raise ValueError(f"method variant {label!r}: options are base=<number> and refresh=<iterations>, "
+                             f"e.g. 'trm@base=2' or 'trm@refresh=100'")
+        try:
+            opts["base" if key == "base" else "refresh_every"] = float(value) if key == "base" else int(value)
+        except ValueError:
+            raise ValueError(f"method variant {label!r}: {key} must be a number, got {value!r}") from None
+    return name, opts
+
+
 def get_preset(preset: str, **overrides) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
@@ -145,6 +170,17 @@ def new_unet(name: str, cfg: dict) -> UNet2D:
     return UNet2D(1, D.num_classes_of(name), cfg["base_channels"], cfg["depth"])
 
 
+def source_model_path(name, root, task, cfg, seed=0, cache_dir=None) -> Path:
+    """Where ``source_model`` caches the source U-Net for ``task``: the key covers the data, the
+    task, the architecture and the training settings, so a changed setting trains a new model."""
+    ds = D.open_dataset(name, root)
+    key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
+                      source_iterations(cfg, name), cfg["source_lr"], cfg["batch_size"], seed, cfg.get("source_lr_decay"), 2])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    cache_dir = resolve_path(cache_dir) if cache_dir is not None else cache_root() / "sources"
+    return Path(cache_dir) / f"{name}-{task}-{digest}.pt"
+
+
 def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, show_progress=False):
     """The source U-Net for ``task``: loaded from the cache when there, else trained and saved.
 
@@ -152,13 +188,8 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     checkpoint path. The cache key covers the data, the task, the architecture and the
     training settings, so a changed setting trains a new model.
     """
-    ds = D.open_dataset(name, root)
     its = source_iterations(cfg, name)
-    key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
-                      its, cfg["source_lr"], cfg["batch_size"], seed, cfg.get("source_lr_decay"), 2])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    cache_dir = resolve_path(cache_dir) if cache_dir is not None else cache_root() / "sources"
-    path = Path(cache_dir) / f"{name}-{task}-{digest}.pt"
+    path = source_model_path(name, root, task, cfg, seed, cache_dir)
     device = get_device(device)
     seed_everything(seed)
     model = new_unet(name, cfg)
@@ -196,7 +227,8 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     Dice on the target's held-out test subjects), dice_per_class, pixel_leep (the source's score
     on the target training set), curve (held-out Dice every ``eval_every`` iterations, recorded
     for analysis only), seconds (the cell's time shared out over its runs). Written to
-    ``out_csv`` after every cell, atomically.
+    ``out_csv`` after every cell, atomically. ``methods`` may hold variants for the ablations
+    (``parse_method``: ``trm@base=2``, ``trm@refresh=100``); the row keeps the label.
     """
     if engine not in ("batched", "per_run"):
         raise ValueError(f"engine must be 'batched' or 'per_run', got {engine!r}")
@@ -204,6 +236,8 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
         raise ValueError(f"a grid needs iterations >= 1, got {cfg['iterations']}")
     device = get_device(device)
     methods, seeds = list(methods), [int(s) for s in seeds]
+    for m in methods:
+        parse_method(m)  # fail before any training on a misspelt method
     rows = []
     for target in targets:
         test = load_task(name, root, target, "test", cfg)
@@ -218,9 +252,10 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
             for subset_seed, group_seeds in groups:
                 train = trains[subset_seed]
                 tr = transferability(src, train, device=device)
-                runs = [(m, s) for m in methods for s in group_seeds]
+                labels = [(m, s) for m in methods for s in group_seeds]
+                runs = [(*parse_method(m)[:1], s, parse_method(m)[1]) for m, s in labels]
                 hists = _train_runs(src, train, test, runs, tr["hardness"], cfg, device, show_progress, engine)
-                for (method, seed), hist in zip(runs, hists):
+                for (method, seed), hist in zip(labels, hists):
                     final = hist["eval"][-1]
                     rows.append({
                         "dataset": name, "source": source, "target": target, "method": method, "seed": seed,
@@ -248,9 +283,9 @@ def _train_runs(src, train, test, runs, hardness, cfg, device, show_progress, en
     if engine == "batched":
         return finetune_cell(src, train, runs, risk=hardness, precision=cfg.get("precision", "fp32"), **kw)
     hists = []
-    for method, seed in runs:
+    for method, seed, opts in runs:
         t0 = time.perf_counter()
-        h = finetune(copy.deepcopy(src), train, method, risk=hardness, seed=seed, **kw)
+        h = finetune(copy.deepcopy(src), train, method, risk=hardness, seed=seed, **opts, **kw)
         h["seconds"] = time.perf_counter() - t0
         hists.append(h)
     return hists

@@ -1,0 +1,127 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · One transfer cell: the unit of a sweep
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/trm-tutorial/transfer-risk-map/blob/main/notebooks/06_transfer_cell.ipynb)
+#
+# **What this notebook is.** The paper's tables are grids of transfer cells: one source task fine-tuned on
+# one target task, with every method and seed. This notebook runs **one cell** and writes its result file.
+# `python -m trm_utils.sweep run ...` executes it once per cell with papermill (parameters injected below),
+# keeps the executed copy beside the result, and notebook 07 assembles the tables from those files. Run by
+# hand, it is a self-contained look at a single cell: its held-out curves, the plateau check and its table.
+#
+# **What you will learn**
+# - how a sweep unit is defined (dataset, source, target, few-shot size; all methods x seeds at once);
+# - how to read one cell before it is averaged into a table: the curves, which runs plateaued, the spread.
+#
+# **Compute budget** (defaults: tutorial preset, phantom, one tissue cell, 4 methods x 3 seeds): about
+# 1-2 min on 2 CPU cores (plus source pre-training, 20-60 s, when the source model is not cached yet).
+
+# %% [markdown]
+# ## 0. Setup
+
+# %%
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_URL = "https://github.com/trm-tutorial/transfer-risk-map"  # from pyproject.toml: `make colab-links REPO=owner/name`
+_in_repo = any((p / "trm_utils").is_dir() for p in [Path.cwd(), *Path.cwd().parents])
+if "google.colab" in sys.modules and not _in_repo:
+    if not Path("transfer-risk-map").exists():
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("TRM_REPO_URL", REPO_URL), "transfer-risk-map"],
+                       check=True)
+        # torch is a range in pyproject.toml: Colab's own torch is kept, never re-installed
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "transfer-risk-map"], check=True)
+    os.chdir("transfer-risk-map/notebooks")
+_root = next((p for p in [Path.cwd(), *Path.cwd().parents] if (p / "trm_utils").is_dir()), None)
+if _root is not None and str(_root) not in sys.path:
+    sys.path.insert(0, str(_root))
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import torch
+
+from trm_utils import experiments as E
+from trm_utils import viz
+from trm_utils.notebook import setup
+
+# %% tags=["parameters"]
+dataset = "phantom"  # phantom | iseg2019 | fets2021 | msd
+data_dir = "data"
+output_dir = "runs/notebooks/06_transfer_cell"  # the unit's folder in a sweep
+preset = "tutorial"  # tutorial | paper | smoke
+family = "tissue"  # tissue | tumour: which of the dataset's task sets
+source = "WM-T2"
+target = "WM-T1"
+n_slices = None  # few-shot: target training slices (each seed draws its own subset); None: all
+methods = ["vanilla", "class_weight", "trs_map", "trm"]  # also ablation variants such as trm@base=2
+seeds = [0, 1, 2]
+overrides = {}  # preset keys to override, e.g. {"iterations": 1000}
+device = "auto"
+num_threads = 0  # torch CPU threads (0: torch's default); a sweep's local pool gives each unit its share
+cache_dir = None  # source-model cache (None: $TRM_CACHE_DIR or <repo>/cache)
+show_progress = True
+
+# %%
+if num_threads:
+    torch.set_num_threads(int(num_threads))
+ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, show_progress=show_progress, **overrides)
+if family not in ctx.data:
+    raise ValueError(f"dataset {dataset!r} has no {family} tasks (it has {list(ctx.data)}); set family to one of those")
+name, root = ctx.data[family]
+print(f"cell: {name} {source} -> {target}" + (f", {n_slices} target slices" if n_slices else "")
+      + f"; methods {methods}; seeds {ctx.seeds}; {ctx.cfg['iterations']} iterations at lr {ctx.cfg['lr']}")
+
+# %% [markdown]
+# ## 1. Fine-tune every method and seed of the cell
+# `run_grid` on a one-cell grid: the source model (cached, or pre-trained here), its pixel-LEEP on the target
+# training set, then all runs of the cell together (`finetune_cell`). Each row is one run; `curve` holds its
+# held-out Dice every `eval_every` iterations (recorded for analysis, never used to pick a model).
+
+# %%
+runs = E.run_grid(name, root, [source], [target], methods, ctx.seeds, ctx.cfg, device=ctx.device,
+                  max_slices=n_slices, show_progress=ctx.show_progress, cache_dir=cache_dir)
+runs.insert(0, "n_slices", n_slices)
+src_model, src_info = E.source_model(name, root, source, ctx.cfg, device=ctx.device, cache_dir=cache_dir)
+runs["source_plateau"] = bool(src_info["plateau"]["ok"]) if src_info["plateau"] else None
+runs["source_dice"] = src_info["curve"][-1][1] if src_info["curve"] else float("nan")
+
+# %% [markdown]
+# ## 2. The curves and the plateau rule
+# A number enters a table only with a note of whether its run finished learning: the final held-out Dice
+# within 0.01 of the maximum over the last third of the run, and not still rising (`E.plateau`).
+
+# %%
+pl = E.plateau_table(runs)
+runs["plateau"] = pl.ok.values
+print("runs that plateaued, per method: " + ", ".join(f"{m} {int(g.ok.sum())}/{len(g)}" for m, g in pl.groupby("method")))
+fig = viz.cell_curves(E.curves_frame(runs), title=f"{source} -> {target}: held-out Dice, seeds {ctx.seeds}")
+ctx.save_fig(fig, "curves")
+plt.show()
+
+# %% [markdown]
+# ## 3. The cell's table: mean ± std over seeds, gain over vanilla
+
+# %%
+cell = runs.groupby("method", sort=False).dice.agg(["mean", "std", "count"])
+if "vanilla" in cell.index:
+    cell["gain_pct"] = 100 * (cell["mean"] - cell.loc["vanilla", "mean"]) / cell.loc["vanilla", "mean"]
+cell.round(4)
+
+# %%
+# The result file the sweep collects (written atomically: a killed run leaves none).
+E.write_csv(runs, ctx.out_dir / "result.csv")
+ctx.save_json({"source": source, "target": target, "n_slices": n_slices, "seeds": ctx.seeds,
+               "source_status": src_info["status"], "mean_dice": cell["mean"].round(4).to_dict()}, "cell")
+print(f"wrote {ctx.out_dir / 'result.csv'} ({len(runs)} runs)")

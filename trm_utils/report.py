@@ -1,0 +1,412 @@
+"""A sweep's report: the paper's Tables I, II and III regenerated, the paper's numbers beside
+ours, and the statistics the paper does not give.
+
+    python -m trm_utils.sweep report OUT      (or notebook 07_reproduce_paper)
+
+Everything is computed from the finished units' ``result.csv`` files (one row per run). What is
+reported, per study:
+
+- the grid shaped like the paper's table: Dice per cell as mean ± std over seeds, per-target
+  averages, the paper's Dice for the same cell beside (``paper_*`` columns);
+- per method: the mean Dice over all cells and its **relative gain over vanilla computed as the
+  paper does** (100 x (mean - vanilla mean) / vanilla mean over all table cells), with a
+  bootstrap 95 % interval (cells resampled, and seeds within each cell, paired across methods),
+  the paper's gain beside;
+- TRM against each baseline over cells: win / tie / loss counts (a tie is |difference| <=
+  ``TIE`` Dice) and the paired Wilcoxon signed-rank test of the cell means;
+- whether the runs plateaued (``experiments.plateau``), counted per method: a number from runs
+  that had not finished learning says how fast a method learns, not where it ends;
+- source ranking (Tables I, II): per target, Kendall's tau between each source's pixel-LEEP and
+  the Dice fine-tuning from it reached, averaged over targets (only with >= 3 sources);
+- seaborn heatmaps of the grids and of the gains.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import experiments as E
+from .utils import atomic_write_bytes, atomic_write_text, resolve_path
+
+#: The paper's method names (reference/*.csv) -> ours.
+PAPER_METHODS = {"vanilla": "vanilla", "class weight": "class_weight", "Trs map": "trs_map", "ours": "trm"}
+PAPER_FILE = {("table1", "iseg2019"): "iseg2019", ("table2", "fets2021"): "fets2021", ("table3", "iseg2019"): "fewshot"}
+TIE = 0.001
+TITLES = {"table1": "Table I (tissue: cross-modality / cross-task)", "table2": "Table II (tumour: cross-centre / cross-modality)",
+          "table3": "Table III (few-shot)", "ablations": "Ablations"}
+
+
+# ----------------------------------------------------------------------------- collecting
+
+def load_sweep(out) -> tuple:
+    """(runs, units): every run of the finished units (columns of ``run_grid`` plus ``study``,
+    ``uid``, ``hash``), and one row per unit with its status, seconds and error.
+
+    Where a unit was run under several hashes (the code or data changed between runs), the
+    latest finished one is used."""
+    out = resolve_path(out)
+    if not (out / "sweep.json").exists():
+        raise FileNotFoundError(f"{out} is not a sweep folder (no sweep.json); run python -m trm_utils.sweep run ... first")
+    units, frames = [], []
+    for f in sorted((out / "units").glob("*/unit.json")):
+        u = json.loads(f.read_text())
+        units.append({"uid": u["uid"], "hash": u["hash"], "study": u["unit"]["study"], "status": u["status"],
+                      "seconds": u.get("seconds"), "finished": u.get("finished"), "error": u.get("error"), "dir": str(f.parent)})
+    units = pd.DataFrame(units, columns=["uid", "hash", "study", "status", "seconds", "finished", "error", "dir"])
+    done = units[units.status == "done"].sort_values("finished").drop_duplicates("uid", keep="last")
+    for u in done.itertuples():
+        r = pd.read_csv(Path(u.dir) / "result.csv")
+        r.insert(0, "study", u.study)
+        r.insert(1, "uid", u.uid)
+        r["hash"] = u.hash
+        frames.append(r)
+    runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return runs, units
+
+
+def settings_of(out) -> dict:
+    return json.loads((resolve_path(out) / "sweep.json").read_text())
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _cell_keys(study: str) -> list:
+    return ["n_slices", "target", "source"] if study == "table3" else ["target", "source"]
+
+
+def paper_grid(study: str, name: str) -> pd.DataFrame:
+    """The paper's Dice for ``study`` in our method names (empty where the paper has none)."""
+    which = PAPER_FILE.get((study, name))
+    if which is None:
+        return pd.DataFrame(columns=["target", "source", "method", "dice"])
+    t = E.paper_table(which).copy()
+    t["method"] = t.method.map(PAPER_METHODS)
+    if study == "table3":
+        t["source"] = "CSF-T1"
+    return t
+
+
+def grid_table(runs: pd.DataFrame, study: str, sizes_map: dict | None = None) -> pd.DataFrame:
+    """The study's grid shaped like the paper's table: one row per cell (and one ``average`` row
+    per target, or per size for Table III), ``<method>`` = mean Dice over seeds, ``<method>_std``,
+    and ``paper_<method>`` where the paper has that cell."""
+    keys = _cell_keys(study)
+    r = runs.copy()
+    methods = list(dict.fromkeys(r.method))
+    g = r.groupby(keys + ["method"]).dice
+    mean, std = g.mean().unstack("method")[methods], g.std(ddof=1).unstack("method")[methods]
+    table = mean.join(std.add_suffix("_std")).reset_index()
+    avg_key = "n_slices" if study == "table3" else "target"
+    # per-target (per-size) averages: mean over cells of each seed's mean, then over seeds
+    per_seed = r.groupby([avg_key, "method", "seed"]).dice.mean()
+    am = per_seed.groupby([avg_key, "method"]).mean().unstack("method")[methods]
+    asd = per_seed.groupby([avg_key, "method"]).std(ddof=1).unstack("method")[methods].add_suffix("_std")
+    avg = am.join(asd).reset_index()
+    for k in keys:
+        if k != avg_key:
+            avg[k] = "average"
+    table = pd.concat([table, avg[table.columns]], ignore_index=True)
+    name = r.dataset.iloc[0]
+    paper = paper_grid(study, name)
+    if len(paper):
+        p = paper.copy()
+        if study == "table3":
+            p = p.rename(columns={"n_slices": "paper_n_slices"})
+            p["paper_n_slices"] = p.paper_n_slices.astype(int)
+            table["paper_n_slices"] = table.n_slices.map(sizes_map or {}).astype("Int64")
+            pk = ["paper_n_slices", "target"]
+            p.loc[p.target == "average", "source"] = "average"
+        else:
+            pk = ["target", "source"]
+        pw = p.pivot_table(index=pk, columns="method", values="dice").add_prefix("paper_").reset_index()
+        if study == "table3":
+            table = table.merge(pw, on=pk, how="left")
+        else:
+            table = table.merge(pw, on=pk, how="left")
+    order = {t: i for i, t in enumerate(E.PAPER_TASKS.get(name, []))}
+    table["_t"] = table.target.map(lambda t: order.get(t, 99))
+    table["_s"] = table.source.map(lambda s: 100 if s == "average" else order.get(s, 99))
+    sort = (["n_slices"] if study == "table3" else []) + ["_t", "_s"]
+    if study == "table3":
+        table = table.sort_values(["n_slices", "_t"], ascending=[False, True])
+    else:
+        table = table.sort_values(sort)
+    return table.drop(columns=["_t", "_s"]).reset_index(drop=True)
+
+
+def cell_matrix(runs: pd.DataFrame, study: str, method: str) -> np.ndarray:
+    """Dice of ``method`` as cells x seeds (cells in a fixed order shared by every method)."""
+    keys = _cell_keys(study)
+    m = runs[runs.method == method].pivot_table(index=keys, columns="seed", values="dice")
+    return m.sort_index()
+
+
+def bootstrap_gain(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple:
+    """95 % interval of 100 x (mean(a) - mean(b)) / mean(b), cells x seeds arrays paired by
+    position: resample cells with replacement, then seeds within each resampled cell (the same
+    seeds for both methods, as the runs of one seed share their subset and initialisation)."""
+    rng = np.random.default_rng(seed)
+    c, s = a.shape
+    ic = rng.integers(0, c, (n_boot, c))
+    iseed = rng.integers(0, s, (n_boot, c, s))
+    ra, rb = a[ic[..., None], iseed].mean(axis=(1, 2)), b[ic[..., None], iseed].mean(axis=(1, 2))
+    g = 100 * (ra - rb) / rb
+    return float(np.nanpercentile(g, 2.5)), float(np.nanpercentile(g, 97.5))
+
+
+def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided paired Wilcoxon signed-rank p over cells; NaN with fewer than 3 cells or no difference."""
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(x) - np.asarray(y)
+    if len(d) < 3 or np.allclose(d, 0):
+        return float("nan")
+    return float(wilcoxon(x, y).pvalue)
+
+
+def gains_table(runs: pd.DataFrame, study: str, reference: str = "trm", n_boot: int = 2000) -> pd.DataFrame:
+    """Per method: mean Dice over cells, spread over seeds, relative gain over vanilla (the paper's
+    headline) with its bootstrap 95 % interval, and ``reference`` (TRM) against this method:
+    wins / ties / losses over cells and the Wilcoxon p."""
+    methods = list(dict.fromkeys(runs.method))
+    mats = {m: cell_matrix(runs, study, m) for m in methods}
+    base = mats.get("vanilla")
+    rows = []
+    for m in methods:
+        a = mats[m]
+        per_seed = a.mean(axis=0)
+        row = {"method": m, "n_cells": a.shape[0], "n_seeds": a.shape[1], "dice_mean": float(a.values.mean()),
+               "dice_std_over_seeds": float(per_seed.std(ddof=1)) if a.shape[1] > 1 else float("nan")}
+        if base is not None and base.index.equals(a.index):
+            v = base.values
+            row["gain_pct"] = 100 * (a.values.mean() - v.mean()) / v.mean()
+            row["gain_ci_low"], row["gain_ci_high"] = bootstrap_gain(a.values, v, n_boot) if m != "vanilla" else (0.0, 0.0)
+        if reference in mats and m != reference and mats[reference].index.equals(a.index):
+            d = mats[reference].values.mean(axis=1) - a.values.mean(axis=1)
+            row[f"{reference}_wins"] = int((d > TIE).sum())
+            row[f"{reference}_ties"] = int((np.abs(d) <= TIE).sum())
+            row[f"{reference}_losses"] = int((d < -TIE).sum())
+            row[f"{reference}_wilcoxon_p"] = wilcoxon_p(mats[reference].values.mean(axis=1), a.values.mean(axis=1))
+        rows.append(row)
+    out = pd.DataFrame(rows).set_index("method")
+    name = runs.dataset.iloc[0]
+    paper = paper_grid(study, name)
+    if len(paper) and study != "table3":
+        p = paper[paper.source != "average"].groupby("method").dice.mean()
+        out["paper_dice_mean"] = p.reindex(out.index)
+        if "vanilla" in p:
+            out["paper_gain_pct"] = 100 * (out.paper_dice_mean - p["vanilla"]) / p["vanilla"]
+    return out
+
+
+def fewshot_gains(runs: pd.DataFrame, sizes_map: dict, n_boot: int = 2000) -> pd.DataFrame:
+    """Table III's gains per size (and the paper's at the matching size)."""
+    frames = {}
+    for n, g in runs.groupby("n_slices"):
+        frames[int(n)] = gains_table(g, "table3", n_boot=n_boot)
+    out = pd.concat(frames, names=["n_slices"])
+    paper = paper_grid("table3", "iseg2019")
+    if len(paper):
+        p = paper[paper.target == "average"].pivot_table(index="n_slices", columns="method", values="dice")
+        pg = 100 * (p["trm"] - p["vanilla"]) / p["vanilla"]
+        idx = out.index.get_level_values(0).map(lambda n: sizes_map.get(n))
+        out["paper_n_slices"] = idx
+        out["paper_gain_pct"] = [pg.get(k, np.nan) if m == "trm" else (0.0 if m == "vanilla" else np.nan)
+                                 for k, m in zip(idx, out.index.get_level_values(1))]
+    return out
+
+
+def plateau_counts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per study and method: runs that plateaued / all runs, and runs that ended below Dice 0.05."""
+    rows = []
+    for (study, m), g in runs.groupby(["study", "method"], sort=False):
+        ok = [E.plateau(json.loads(c))["ok"] for c in g.curve]
+        rows.append({"study": study, "method": m, "runs": len(g), "plateaued": int(sum(ok)),
+                     "below_0.05": int((g.dice < 0.05).sum())})
+    return pd.DataFrame(rows)
+
+
+def source_ranking(runs: pd.DataFrame, method: str = "vanilla") -> pd.DataFrame:
+    """Per target: Kendall's tau between the sources' pixel-LEEP and the Dice fine-tuning from
+    them reached with ``method`` (mean over seeds). NaN where a target has fewer than 3 sources."""
+    from scipy.stats import kendalltau
+
+    rows = []
+    r = runs[runs.method == method]
+    for t, g in r.groupby("target", sort=False):
+        cell = g.groupby("source").agg(pixel_leep=("pixel_leep", "first"), dice=("dice", "mean"))
+        tau, p = (kendalltau(cell.pixel_leep, cell.dice) if len(cell) >= 3 else (np.nan, np.nan))
+        rows.append({"target": t, "n_sources": len(cell), "kendall_tau": float(tau), "p": float(p),
+                     "best_by_leep": cell.pixel_leep.idxmax(), "best_by_dice": cell.dice.idxmax()})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def grid_heatmaps(runs: pd.DataFrame, study: str, title: str = ""):
+    """One panel per method of the grid's Dice (target rows, source columns), and one of TRM's
+    relative gain over vanilla per cell (the paper's gain beside, where it has the grid)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    methods = list(dict.fromkeys(runs.method))
+    name = runs.dataset.iloc[0]
+    order = [t for t in E.PAPER_TASKS.get(name, []) if t in set(runs.target) | set(runs.source)]
+    mats = {m: runs[runs.method == m].pivot_table(index="target", columns="source", values="dice")
+            .reindex(index=[t for t in order if t in set(runs.target)], columns=[s for s in order if s in set(runs.source)])
+            for m in methods}
+    extra = [m for m in ("trm",) if m in mats and "vanilla" in mats]
+    paper = paper_grid(study, name)
+    has_paper = len(paper) and extra
+    n = len(methods) + len(extra) + (1 if has_paper else 0)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2), squeeze=False)
+    axes = axes[0]
+    vmin = min(np.nanmin(m.values) for m in mats.values())
+    vmax = max(np.nanmax(m.values) for m in mats.values())
+    for ax, m in zip(axes, methods):
+        sns.heatmap(mats[m], annot=True, fmt=".2f", vmin=vmin, vmax=vmax, cmap="viridis", cbar=False, ax=ax,
+                    annot_kws={"size": 7})
+        ax.set_title(m)
+    if extra:
+        gain = 100 * (mats["trm"] - mats["vanilla"]) / mats["vanilla"]
+        lim = float(np.nanmax(np.abs(gain.values))) or 1.0
+        sns.heatmap(gain, annot=True, fmt="+.1f", center=0, vmin=-lim, vmax=lim, cmap="RdBu", cbar=False,
+                    ax=axes[len(methods)], annot_kws={"size": 7})
+        axes[len(methods)].set_title("ours: TRM vs vanilla (%)")
+        if has_paper:
+            p = paper[paper.source != "average"].pivot_table(index=["target", "source"], columns="method", values="dice")
+            pg = (100 * (p["trm"] - p["vanilla"]) / p["vanilla"]).unstack("source").reindex_like(gain)
+            sns.heatmap(pg, annot=True, fmt="+.1f", center=0, vmin=-lim, vmax=lim, cmap="RdBu", cbar=False,
+                        ax=axes[-1], annot_kws={"size": 7})
+            axes[-1].set_title("paper: TRM vs vanilla (%)")
+    fig.suptitle(title or TITLES.get(study, study))
+    fig.tight_layout()
+    return fig
+
+
+def fewshot_figure(runs: pd.DataFrame):
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    per_seed = runs.groupby(["n_slices", "method", "seed"]).dice.mean().reset_index()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    sns.pointplot(per_seed, x="n_slices", y="dice", hue="method", errorbar="sd", dodge=0.25, ax=ax)
+    ax.set_xlabel("target training slices")
+    ax.set_ylabel("held-out Dice (mean over targets)")
+    ax.set_title(f"Table III: bars = std over seeds {sorted(runs.seed.unique().tolist())}")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- the report
+
+def markdown(df: pd.DataFrame, digits: int = 4, index: bool = False) -> str:
+    """A pipe table (no extra dependency)."""
+    d = df.reset_index() if index else df
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else f"{v:.{digits}f}"
+        return "" if v is None or (isinstance(v, type(pd.NA))) else str(v)
+    cols = [str(c) for c in d.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in d.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def fewshot_sizes_map(settings: dict, runs: pd.DataFrame) -> dict:
+    """Our few-shot sizes -> the paper's (400 / 100 / 50), largest to largest."""
+    ours = sorted({int(n) for n in runs.n_slices.dropna()}, reverse=True)
+    return {n: p for n, p in zip(ours, [400, 100, 50])}
+
+
+def build_report(out, n_boot: int = 2000) -> dict:
+    """Every table of the report as DataFrames (and the units' status): what notebook 07 shows."""
+    runs, units = load_sweep(out)
+    settings = settings_of(out)
+    rep = {"settings": settings, "units": units, "runs": runs, "studies": {}}
+    if runs.empty:
+        return rep
+    rep["plateau"] = plateau_counts(runs)
+    for study, r in runs.groupby("study", sort=False):
+        for name, rr in r.groupby("dataset", sort=False):
+            key = f"{study}_{name}"
+            s = {"study": study, "dataset": name, "runs": rr}
+            if study == "table3":
+                smap = fewshot_sizes_map(settings, rr)
+                s["grid"] = grid_table(rr, study, smap)
+                s["gains"] = fewshot_gains(rr, smap, n_boot)
+                s["gains_all"] = gains_table(rr, study, n_boot=n_boot)
+            else:
+                s["grid"] = grid_table(rr, study)
+                s["gains"] = gains_table(rr, study, n_boot=n_boot)
+                if study != "ablations":
+                    s["ranking"] = source_ranking(rr)
+            rep["studies"][key] = s
+    return rep
+
+
+def report_text(rep: dict) -> str:
+    st = rep["settings"]["settings"]
+    units = rep["units"]
+    lines = [f"# Sweep report: {st['dataset']} data, preset {st['preset']}, seeds {st['seeds']}", "",
+             f"Units: {int((units.status == 'done').sum())} done, {int((units.status == 'failed').sum())} failed "
+             f"(unit time {units.seconds.fillna(0).sum() / 3600:.2f} h). Dice: mean foreground Dice on the target's "
+             "held-out test subjects at the end of the run; ± std over seeds. Gains: 100 x (mean - vanilla) / vanilla over "
+             f"all cells, 95 % bootstrap interval (cells and seeds resampled); TRM wins / ties / losses over cells "
+             f"(tie: |Δ| <= {TIE}); p: paired Wilcoxon signed-rank over cells.", ""]
+    failed = units[units.status == "failed"]
+    if len(failed):
+        lines += ["## Failed units", ""] + [f"- {u.uid}: {u.error}" for u in failed.itertuples()] + [""]
+    if "plateau" in rep:
+        lines += ["## Did the runs finish learning? (plateau rule)", "", markdown(rep["plateau"]), ""]
+    for key, s in rep["studies"].items():
+        lines += [f"## {TITLES.get(s['study'], s['study'])}: {s['dataset']}", "", "### Gains", "",
+                  markdown(s["gains"].reset_index(), 4), ""]
+        if "gains_all" in s:
+            lines += ["All sizes together:", "", markdown(s["gains_all"].reset_index(), 4), ""]
+        if "ranking" in s:
+            rk = s["ranking"]
+            mean_tau = rk.kendall_tau.mean()
+            lines += ["### Does pixel-LEEP rank the sources? (Kendall's tau, vanilla Dice)", "", markdown(rk, 3), "",
+                      f"Mean tau over targets: {mean_tau:.3f}" if rk.kendall_tau.notna().any()
+                      else "Fewer than 3 sources per target: no tau.", ""]
+        lines += ["### The grid", "", markdown(s["grid"], 4), ""]
+    return "\n".join(lines)
+
+
+def _save_fig(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(out, n_boot: int = 2000) -> list:
+    """Write ``OUT/report/``: report.md, one CSV per table, heatmaps. Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out = resolve_path(out)
+    rep = build_report(out, n_boot)
+    d = out / "report"
+    files = [atomic_write_text(d / "report.md", report_text(rep))]
+    files.append(E.write_csv(rep["units"].drop(columns=["dir"]), d / "units.csv"))
+    if "plateau" in rep:
+        files.append(E.write_csv(rep["plateau"], d / "plateau.csv"))
+    for key, s in rep["studies"].items():
+        files.append(E.write_csv(s["grid"], d / f"{key}_grid.csv"))
+        files.append(E.write_csv(s["gains"].reset_index(), d / f"{key}_gains.csv"))
+        if "ranking" in s:
+            files.append(E.write_csv(s["ranking"], d / f"{key}_ranking.csv"))
+        if s["study"] == "table3":
+            fig = fewshot_figure(s["runs"])
+        else:
+            fig = grid_heatmaps(s["runs"], s["study"], f"{TITLES.get(s['study'], s['study'])}: {s['dataset']}")
+        files.append(_save_fig(fig, d / f"{key}_heatmap.png"))
+        plt.close(fig)
+    return files

@@ -1,0 +1,565 @@
+"""Sweeps: the paper's Tables I, II and III (and the ablations) as resumable sets of units.
+
+    python -m trm_utils.sweep run --study table1 --dataset phantom --seeds 3 --executor local [--dry-run]
+    python -m trm_utils.sweep run --study table1,table2,table3 --out runs/sweep/phantom --workers 2
+    python -m trm_utils.sweep run --study table2 --dataset fets2021 --data-dir /data --preset paper \\
+        --executor slurm --partition gpu --gpus-per-job 1 --time-min 240 --array-parallelism 16
+    python -m trm_utils.sweep report runs/sweep/phantom
+
+A **unit** is one transfer cell (dataset, source, target, few-shot size) with all its methods x
+seeds, trained together by the batched engine (``finetune_cell``). Each unit is a papermill
+execution of ``notebooks/06_transfer_cell.ipynb``; the executed notebook is kept beside the
+unit's ``result.csv``, so every number of a final table traces to the notebook that made it.
+
+Layout of a sweep folder ``OUT``::
+
+    OUT/sweep.json                      settings (dataset, preset, seeds, methods, overrides)
+    OUT/units/<unit>-<hash>/unit.json   status (done / failed + error), seconds, parameters
+    OUT/units/<unit>-<hash>/result.csv  one row per run (as experiments.run_grid writes it)
+    OUT/units/<unit>-<hash>/<unit>.ipynb  the executed notebook
+    OUT/report/                         tables, statistics and heatmaps (``report``)
+
+``<hash>`` covers everything that determines a unit's numbers: the cell, methods, seeds, the
+resolved preset, the data's signature and the source code of the method's modules. A unit
+whose ``unit.json`` says done is skipped; a killed sweep loses the units in flight only
+(``unit.json`` is written last, atomically); a failed unit is recorded with its error and the
+rest go on; running the same command again retries only what is not done.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import experiments as E
+from .utils import REPO_ROOT, atomic_write_json, resolve_path
+
+STUDIES = ("table1", "table2", "table3", "ablations")
+DATASETS = ("phantom", "iseg2019", "fets2021", "msd")
+EXECUTORS = ("local", "slurm")
+#: Which task family each study needs (the ablations run on every family the dataset has).
+STUDY_FAMILIES = {"table1": ("tissue",), "table2": ("tumour",), "table3": ("tissue",), "ablations": ("tissue", "tumour")}
+#: Table III: "employing one task as the source model, we conducted transfer fine-tuning on the
+#: remaining five tasks"; the five targets printed are GM-T1, WM-T1, CSF-T2, GM-T2, WM-T2.
+FEWSHOT_SOURCE = {"iseg2019": "CSF-T1"}
+#: Target training slices of the few-shot study. The paper's 400 / 100 / 50 of iSeg-2019's
+#: training slices; the phantom's tutorial preset has ~280 per task: 100 / 25 / 12 keep the paper's 8 : 2 : 1.
+FEWSHOT_SIZES = {"paper": [400, 100, 50], "tutorial": [100, 25, 12], "smoke": [8, 4]}
+#: The ablation variants (``experiments.parse_method`` labels): the TRM's two parts alone, maps
+#: refreshed during fine-tuning, and the exponential's base (the paper's 10 against 2 and 100).
+ABLATION_METHODS = ("vanilla", "trm", "fg_only", "exp_only", "trm@refresh={refresh}", "trm@base=2", "trm@base=100")
+#: The modules whose source decides a unit's numbers (part of its hash). Reports and runners
+#: are not: editing them never invalidates finished units.
+METHOD_MODULES = ("leep", "risk", "losses", "train", "batched", "unet", "slices", "datasets", "metrics")
+UNIT_NOTEBOOK = REPO_ROOT / "notebooks" / "06_transfer_cell.ipynb"
+
+
+class SweepError(ValueError):
+    """A sweep asked for something that cannot be run; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One transfer cell with all its methods x seeds (one papermill execution)."""
+
+    study: str
+    family: str           # tissue / tumour
+    name: str             # iseg2019 / fets2021 / msd (the task naming)
+    source: str
+    target: str
+    n_slices: Optional[int]
+    methods: tuple
+    seeds: tuple
+
+    @property
+    def uid(self) -> str:
+        size = f"-n{self.n_slices}" if self.n_slices else ""
+        return f"{self.study}-{self.name}-{self.source}-to-{self.target}{size}"
+
+
+@dataclass
+class Settings:
+    """What every unit of a sweep folder shares; a folder never mixes two of these."""
+
+    dataset: str
+    data_dir: str
+    preset: str
+    seeds: list
+    overrides: dict = field(default_factory=dict)
+
+    def cfg(self) -> dict:
+        return E.get_preset(self.preset, **self.overrides)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+def _check_choice(kind: str, value, valid) -> None:
+    if value not in valid:
+        raise SweepError(f"unknown {kind} {value!r}; choose one of {', '.join(map(str, valid))}")
+
+
+def parse_seeds(seeds) -> list:
+    """``3`` -> [0, 1, 2]; ``"0,1,4"`` or a list -> those seeds."""
+    if isinstance(seeds, int):
+        out = list(range(seeds))
+    elif isinstance(seeds, str):
+        out = list(range(int(seeds))) if "," not in seeds else [int(s) for s in seeds.split(",") if s.strip()]
+    else:
+        out = [int(s) for s in seeds]
+    if not out or any(s < 0 for s in out):
+        raise SweepError(f"seeds {seeds!r}: give a count (--seeds 3) or non-negative seeds (--seeds 0,1,2)")
+    return out
+
+
+def families_of(settings: Settings) -> dict:
+    """{family: (name, root)} of the sweep's data (the phantom is made when missing)."""
+    from .datasets import DataError, open_dataset
+
+    fams = E.resolve_datasets(settings.dataset, settings.data_dir, settings.preset)
+    for name, root in fams.values():
+        try:
+            open_dataset(name, root)
+        except DataError as err:
+            raise SweepError(f"{err} (or use --dataset phantom, which is generated offline)") from None
+    return fams
+
+
+def expand(study: str, settings: Settings, fams: dict, methods=None, sources=None, targets=None,
+           sizes=None) -> list:
+    """The units of ``study``: every source on every other target of each family the data has.
+
+    ``sources`` / ``targets`` filter the grid (an empty result is an error); ``sizes`` are the
+    few-shot sizes (``FEWSHOT_SIZES`` of the preset by default); ``methods`` default to the
+    four compared methods (``ABLATION_METHODS`` for the ablations).
+    """
+    _check_choice("study", study, STUDIES)
+    wanted = [f for f in STUDY_FAMILIES[study] if f in fams]
+    if not wanted:
+        have = ", ".join(f"{f} ({n})" for f, (n, _) in fams.items())
+        raise SweepError(f"study {study} needs {' or '.join(STUDY_FAMILIES[study])} data; dataset "
+                         f"{settings.dataset!r} has {have}. Use --dataset phantom or one with that family")
+    cfg = settings.cfg()
+    seeds = tuple(settings.seeds)
+    units = []
+    for fam in wanted:
+        name = fams[fam][0]
+        tasks = list(E.PAPER_TASKS[name])
+        for given, kind in ((sources, "source"), (targets, "target")):
+            bad = [t for t in (given or []) if t not in tasks]
+            if bad:
+                raise SweepError(f"unknown {kind} task(s) {bad} for {name}; its tasks are {', '.join(tasks)}")
+        if study == "ablations":
+            ms = tuple(m.format(refresh=max(1, int(cfg["iterations"]) // 4)) for m in (methods or ABLATION_METHODS))
+            g = E.TUTORIAL_GRID[name]
+            pairs = [(s, t) for t in g["targets"] for s in g["sources"] if s != t]
+        else:
+            ms = tuple(methods or E.CORE_METHODS)
+            if study == "table3":
+                if name not in FEWSHOT_SOURCE:
+                    continue
+                pairs = [(FEWSHOT_SOURCE[name], t) for t in tasks if t != FEWSHOT_SOURCE[name]]
+            else:
+                pairs = [(s, t) for t in tasks for s in tasks if s != t]
+        for m in ms:
+            try:
+                E.parse_method(m)
+            except ValueError as err:
+                raise SweepError(str(err)) from None
+        pairs = [(s, t) for s, t in pairs if (not sources or s in sources) and (not targets or t in targets)]
+        ns = [None]
+        if study == "table3":
+            ns = [int(n) for n in (sizes or FEWSHOT_SIZES.get(settings.preset, FEWSHOT_SIZES["tutorial"]))]
+        units += [Unit(study, fam, name, s, t, n, ms, seeds) for n in ns for s, t in pairs]
+    if not units:
+        raise SweepError(f"study {study}: no cell left after filtering (sources={sources}, targets={targets}); "
+                         f"a cell needs a source different from its target")
+    return units
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def code_version() -> str:
+    """Hash of the source of the modules that decide a run's numbers (``METHOD_MODULES``)."""
+    h = hashlib.sha1()
+    for m in METHOD_MODULES:
+        h.update((REPO_ROOT / "trm_utils" / f"{m}.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def data_signature(fams: dict) -> dict:
+    from . import data as D
+
+    out = {}
+    for fam, (name, root) in fams.items():
+        ds = D.open_dataset(name, root)
+        out[name] = ds.signature(ds.subjects)
+    return out
+
+
+def unit_hash(unit: Unit, cfg: dict, signature: dict, code: str) -> str:
+    key = json.dumps({"unit": asdict(unit), "cfg": cfg, "data": signature.get(unit.name), "code": code,
+                      "format": 1}, sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- the sweep folder
+
+def open_sweep(out, settings: Settings, studies) -> Path:
+    """Create ``out`` or check that it holds a sweep with the same settings (never mix two)."""
+    out = resolve_path(out)
+    meta = out / "sweep.json"
+    mine = asdict(settings)
+    if meta.exists():
+        theirs = json.loads(meta.read_text())
+        diff = {k: (theirs.get("settings", {}).get(k), v) for k, v in mine.items()
+                if theirs.get("settings", {}).get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+            raise SweepError(f"{out} holds another sweep's results with different settings ({what}); "
+                             f"give a new --out folder, or delete {out} to start over")
+        studies = sorted(set(theirs.get("studies", [])) | set(studies))
+        created = theirs.get("created")
+    elif out.exists() and any(out.iterdir()):
+        raise SweepError(f"{out} exists and is not a sweep folder (no sweep.json); give a new --out folder")
+    else:
+        created = time.strftime("%Y-%m-%d %H:%M:%S")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta, {"settings": mine, "studies": sorted(set(studies)), "created": created})
+    return out
+
+
+def unit_dir(out: Path, unit: Unit, h: str) -> Path:
+    return Path(out) / "units" / f"{unit.uid}-{h}"
+
+
+def unit_status(path: Path) -> str:
+    """done / failed / todo (never started, or killed before it finished)."""
+    f = Path(path) / "unit.json"
+    if not f.exists():
+        return "todo"
+    st = json.loads(f.read_text()).get("status")
+    return "done" if st == "done" and (Path(path) / "result.csv").exists() else ("failed" if st == "failed" else "todo")
+
+
+def unit_spec(out: Path, unit: Unit, settings: Settings, h: str, device="auto", num_threads=0,
+              cache_dir=None, kernel_name="python3") -> dict:
+    """Everything a worker needs to run ``unit`` (plain data: it crosses process and job boundaries)."""
+    return {"uid": unit.uid, "hash": h, "dir": str(unit_dir(out, unit, h)), "unit": asdict(unit),
+            "settings": asdict(settings), "device": device, "num_threads": int(num_threads),
+            "cache_dir": str(cache_dir) if cache_dir else None, "kernel_name": kernel_name}
+
+
+def _one_line(err: BaseException) -> str:
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    text = f"{ename}: {evalue}" if ename else f"{type(err).__name__}: {err}"
+    return " ".join(str(text).split())[:500]
+
+
+def run_unit(spec: dict) -> dict:
+    """Run one unit: papermill-execute notebook 06 into the unit's folder, then mark it done.
+
+    Skips a unit already done. The executed notebook is written under a temporary name and
+    renamed when it finished; ``unit.json`` comes last (atomically), so a unit killed part-way
+    is simply run again. A failure is recorded (``status: failed`` and a one-line error) and
+    returned, never raised: one bad unit does not stop a sweep.
+    """
+    import papermill as pm
+
+    d = Path(spec["dir"])
+    if unit_status(d) == "done":
+        return {"uid": spec["uid"], "status": "skipped", "seconds": 0.0}
+    d.mkdir(parents=True, exist_ok=True)
+    u, s = spec["unit"], spec["settings"]
+    params = {"dataset": s["dataset"], "data_dir": s["data_dir"], "preset": s["preset"], "family": u["family"],
+              "source": u["source"], "target": u["target"], "n_slices": u["n_slices"], "methods": list(u["methods"]),
+              "seeds": list(u["seeds"]), "overrides": s["overrides"], "output_dir": str(d), "device": spec["device"],
+              "num_threads": spec["num_threads"], "cache_dir": spec["cache_dir"], "show_progress": False}
+    tmp_nb = d / f".{spec['uid']}.running.ipynb"
+    t0 = time.perf_counter()
+    record = {"uid": spec["uid"], "hash": spec["hash"], "unit": u, "settings": s, "parameters": params,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename}
+    try:
+        (d / "result.csv").unlink(missing_ok=True)
+        pm.execute_notebook(str(UNIT_NOTEBOOK), str(tmp_nb), parameters=params, cwd=str(REPO_ROOT / "notebooks"),
+                            kernel_name=spec["kernel_name"], progress_bar=False)
+        if not (d / "result.csv").exists():
+            raise RuntimeError(f"the notebook finished without writing {d / 'result.csv'}")
+        os.replace(tmp_nb, d / f"{spec['uid']}.ipynb")
+        record.update(status="done", seconds=round(time.perf_counter() - t0, 1))
+    except Exception as err:  # recorded, not raised: the sweep goes on
+        if tmp_nb.exists():
+            os.replace(tmp_nb, d / f"{spec['uid']}.failed.ipynb")
+        record.update(status="failed", seconds=round(time.perf_counter() - t0, 1), error=_one_line(err),
+                      traceback=traceback.format_exc()[-4000:])
+    record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    atomic_write_json(d / "unit.json", record)
+    return {"uid": spec["uid"], "status": record["status"], "seconds": record["seconds"], "error": record.get("error")}
+
+
+class UnitJob:
+    """``run_unit`` as a submitit job that is requeued when SLURM stops it (time limit or
+    preemption): the requeued job runs the unit again from its files (a finished unit is skipped)."""
+
+    def __call__(self, spec: dict) -> dict:
+        return run_unit(spec)
+
+    def checkpoint(self, spec: dict):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(UnitJob(), spec)
+
+
+# ----------------------------------------------------------------------------- executors
+
+def default_workers() -> int:
+    """One worker per 4 cores, at least 1 (each worker's torch gets its share of the cores)."""
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+def run_local(specs: list, workers: int = 1, progress: bool = True, log=print) -> list:
+    """Run ``specs`` one after another (``workers=1``) or in a bounded pool of processes."""
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(total=len(specs), desc="units", unit="unit", disable=not progress)
+    if workers <= 1:
+        for spec in specs:
+            bar.set_postfix_str(spec["uid"])
+            results.append(run_unit(spec))
+            _log_result(results[-1], log)
+            bar.update()
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_unit, spec) for spec in specs]
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                _log_result(results[-1], log)
+                bar.update()
+    bar.close()
+    return results
+
+
+def _log_result(r: dict, log) -> None:
+    if log and r["status"] != "skipped":
+        log(f"  {r['uid']}: {r['status']} in {r['seconds']:.0f} s" + (f" ({r['error']})" if r.get("error") else ""))
+
+
+def slurm_executor(folder, cluster: Optional[str] = None, partition=None, time_min: int = 120, gpus_per_job: int = 0,
+                   cpus_per_job: int = 4, mem_gb: int = 16, array_parallelism: int = 8):
+    """A submitit executor for the units (``cluster="local"`` gives submitit's LocalExecutor,
+    for tests only: it starts every job at once)."""
+    try:
+        import submitit
+    except ImportError:
+        raise SweepError("the slurm executor needs submitit: pip install submitit (it is in environment.yml)") from None
+    if cluster is None and shutil.which("sbatch") is None:
+        raise SweepError("the slurm executor needs SLURM's sbatch on PATH (run on the cluster's login node), "
+                         "or use --executor local")
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    ex.update_parameters(timeout_min=int(time_min), cpus_per_task=int(cpus_per_job), mem_gb=int(mem_gb),
+                         gpus_per_node=int(gpus_per_job), name="trm-sweep")
+    if ex.cluster == "slurm":
+        ex.update_parameters(slurm_array_parallelism=int(array_parallelism),
+                             **({"slurm_partition": partition} if partition else {}))
+    return ex
+
+
+def run_submitit(specs: list, executor, progress: bool = True, log=print) -> list:
+    """Submit one job per unit (a SLURM job array) and wait; results are read from the unit files."""
+    from tqdm.auto import tqdm
+
+    if not specs:
+        return []
+    jobs = executor.map_array(UnitJob(), specs)
+    if log:
+        log(f"submitted {len(jobs)} jobs ({jobs[0].job_id.split('_')[0]}); logs under {executor.folder}")
+    bar = tqdm(total=len(jobs), desc="units", unit="unit", disable=not progress)
+    results = []
+    for spec, job in zip(specs, jobs):
+        try:
+            results.append(job.result())
+        except Exception as err:  # the job itself died (not a unit failure, which run_unit records)
+            results.append({"uid": spec["uid"], "status": "failed", "seconds": 0.0, "error": _one_line(err)})
+        _log_result(results[-1], log)
+        bar.update()
+    bar.close()
+    return results
+
+
+# ----------------------------------------------------------------------------- cost estimate
+
+def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto", cache_dir=None) -> dict:
+    """A rough cost per unit on this machine: 5 timed iterations of ``finetune_cell`` with the
+    unit's number of runs on random data of the preset's size, times its iterations, plus
+    source pre-training where the source model is not cached and ~10 % for evaluation."""
+    import torch
+
+    from .train import finetune_cell
+    from .utils import get_device
+
+    cfg = settings.cfg()
+    dev = get_device(device)
+    timed = {}
+
+    def per_iteration(name, n_runs):
+        key = (name, n_runs)
+        if key not in timed:
+            size = cfg["image_size"][name]
+            model = E.new_unet(name, cfg)
+            g = torch.Generator().manual_seed(0)
+            data = (torch.rand(4 * cfg["batch_size"], 1, size, size, generator=g),
+                    torch.randint(0, model.num_classes, (4 * cfg["batch_size"], size, size), generator=g))
+            runs = [("vanilla", i) for i in range(n_runs)]
+            finetune_cell(model, data, runs, iterations=2, lr=1e-3, batch_size=cfg["batch_size"], device=dev)
+            t0 = time.perf_counter()
+            finetune_cell(model, data, runs, iterations=5, lr=1e-3, batch_size=cfg["batch_size"], device=dev)
+            timed[key] = (time.perf_counter() - t0) / 5
+        return timed[key]
+
+    out, seen_sources = {}, set()
+    for u in units:
+        groups = len(u.seeds) if u.n_slices else 1
+        n_runs = len(u.methods) * (1 if u.n_slices else len(u.seeds))
+        sec = 1.1 * groups * int(cfg["iterations"]) * per_iteration(u.name, n_runs)
+        if (u.name, u.source) not in seen_sources and not _source_cached(u, fams, cfg, cache_dir):
+            sec += E.source_iterations(cfg, u.name) * per_iteration(u.name, 1)
+        seen_sources.add((u.name, u.source))
+        out[u.uid] = sec + 5.0  # kernel start-up
+    return out
+
+
+def _source_cached(u: Unit, fams: dict, cfg: dict, cache_dir) -> bool:
+    root = fams[u.family][1]
+    return E.source_model_path(u.name, root, u.source, cfg, cache_dir=cache_dir).exists()
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def plan(studies, settings: Settings, out, methods=None, sources=None, targets=None, sizes=None,
+         device="auto", num_threads=0, cache_dir=None) -> tuple:
+    """(out folder, fams, [(unit, spec, status)]) for ``studies`` under ``settings``."""
+    fams = families_of(settings)
+    units = []
+    for st in studies:
+        units += expand(st, settings, fams, methods, sources, targets, sizes)
+    cfg, sig, code = settings.cfg(), data_signature(fams), code_version()
+    out = resolve_path(out)
+    rows = []
+    for u in units:
+        h = unit_hash(u, cfg, sig, code)
+        spec = unit_spec(out, u, settings, h, device, num_threads, cache_dir)
+        rows.append((u, spec, unit_status(Path(spec["dir"]))))
+    return out, fams, rows
+
+
+def _split(text):
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trm_utils.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) the units of one or more studies")
+    r.add_argument("--study", required=True, help=f"comma-separated: {', '.join(STUDIES)} or all")
+    r.add_argument("--dataset", default="phantom", help=f"one of {', '.join(DATASETS)}")
+    r.add_argument("--data-dir", default="data", help="folder holding the dataset (the phantom is made under it)")
+    r.add_argument("--preset", default="tutorial", help=f"one of {', '.join(E.PRESETS)} (paper: the paper's protocol)")
+    r.add_argument("--seeds", default="3", help="a count (3 -> seeds 0,1,2) or a list (0,1,2)")
+    r.add_argument("--methods", default=None, help="comma-separated methods (default: the study's)")
+    r.add_argument("--sources", default=None, help="keep only these source tasks")
+    r.add_argument("--targets", default=None, help="keep only these target tasks")
+    r.add_argument("--sizes", default=None, help="few-shot target slices (table3), e.g. 400,100,50")
+    r.add_argument("--iterations", type=int, default=None, help="override the preset's fine-tuning iterations")
+    r.add_argument("--out", default=None, help="sweep folder (default runs/sweep/<dataset>-<preset>)")
+    r.add_argument("--executor", default="local", help="local or slurm")
+    r.add_argument("--workers", type=int, default=None, help="local: units at once (default: 1 per 4 cores, >= 1)")
+    r.add_argument("--threads", type=int, default=None, help="local: torch CPU threads per unit (default: cores / workers)")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    r.add_argument("--cache-dir", default=None, help="source-model cache (default $TRM_CACHE_DIR or <repo>/cache)")
+    r.add_argument("--partition", default=None, help="slurm: partition")
+    r.add_argument("--time-min", type=int, default=120, help="slurm: time limit per job (minutes)")
+    r.add_argument("--gpus-per-job", type=int, default=0, help="slurm: GPUs per job")
+    r.add_argument("--cpus-per-job", type=int, default=4, help="slurm: CPUs per job")
+    r.add_argument("--array-parallelism", type=int, default=8, help="slurm: jobs of the array running at once")
+    r.add_argument("--dry-run", action="store_true", help="list the units and their estimated cost; run nothing")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rep = sub.add_parser("report", help="tables, statistics and heatmaps of a sweep folder")
+    rep.add_argument("out", help="the sweep folder")
+    rep.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the gains' intervals")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "report":
+            from .report import write_report
+
+            files = write_report(args.out, n_boot=args.bootstrap)
+            print("\n".join(str(f) for f in files))
+            return 0
+        return _run(args)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    studies = list(STUDIES[:3]) if args.study == "all" else _split(args.study)
+    for st in studies:
+        _check_choice("study", st, STUDIES)
+    _check_choice("dataset", args.dataset, DATASETS)
+    _check_choice("preset", args.preset, tuple(E.PRESETS))
+    _check_choice("executor", args.executor, EXECUTORS)
+    overrides = {"iterations": args.iterations} if args.iterations else {}
+    settings = Settings(args.dataset, args.data_dir, args.preset, parse_seeds(args.seeds), overrides)
+    workers = args.workers or default_workers()
+    n_cpu = os.cpu_count() or 1
+    threads = (args.threads or max(1, n_cpu // workers)) if args.executor == "local" else 0
+    out = args.out or f"runs/sweep/{args.dataset}-{args.preset}"
+    sizes = [int(x) for x in _split(args.sizes)] if args.sizes else None
+    if args.dry_run:
+        out_p, fams, rows = plan(studies, settings, out, _split(args.methods), _split(args.sources),
+                                 _split(args.targets), sizes, args.device, threads, args.cache_dir)
+        est = estimate_seconds([u for u, _, st in rows if st != "done"], settings, fams, args.device, args.cache_dir)
+        total = 0.0
+        for u, spec, st in rows:
+            sec = est.get(u.uid, 0.0)
+            total += sec
+            print(f"{u.uid:<48} {st:<7} {len(u.methods)} methods x {len(u.seeds)} seeds  ~{sec / 60:5.1f} min")
+        print(f"{len(rows)} units ({sum(st == 'done' for *_, st in rows)} done) in {out_p}; "
+              f"estimated {total / 3600:.2f} h on this machine ({args.device}, {workers} worker(s))")
+        return 0
+    if args.executor == "slurm":
+        slurm_executor(Path(out) / "slurm", partition=args.partition)  # fail early when submitit/sbatch are missing
+    out_p = open_sweep(out, settings, studies)
+    _, fams, rows = plan(studies, settings, out_p, _split(args.methods), _split(args.sources), _split(args.targets),
+                         sizes, args.device, threads, args.cache_dir)
+    todo = [spec for _, spec, st in rows if st != "done"]
+    print(f"{len(rows)} units, {len(rows) - len(todo)} already done, {len(todo)} to run -> {out_p}")
+    t0 = time.perf_counter()
+    if args.executor == "local":
+        results = run_local(todo, workers, progress=not args.no_progress)
+    else:
+        ex = slurm_executor(out_p / "slurm", partition=args.partition, time_min=args.time_min,
+                            gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
+                            array_parallelism=args.array_parallelism)
+        results = run_submitit(todo, ex, progress=not args.no_progress)
+    failed = [r for r in results if r["status"] == "failed"]
+    print(f"{len(results) - len(failed)} units finished, {len(failed)} failed in {(time.perf_counter() - t0) / 60:.1f} min"
+          + ("; run the same command again to retry the failures" if failed else ""))
+    for r in failed:
+        print(f"  FAILED {r['uid']}: {r['error']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
