@@ -8,7 +8,10 @@ BIN    := $(VENV)/bin
 NAME   ?= main
 PYTEST_ARGS ?=
 
-.PHONY: setup test run nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links
+.PHONY: setup test run nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links sweep report
+STUDY ?= table1,table3,table2
+SEEDS ?= 3
+SWEEP ?= runs/sweep/phantom-tutorial
 
 setup: $(VENV)/.installed
 
@@ -51,3 +54,12 @@ calibrate: setup
 # pyproject.toml ([project.urls] Repository) first; without REPO, pyproject's URL is re-applied.
 colab-links: setup
 	@if [ -n "$(REPO)" ]; then $(BIN)/python -m trm_utils.colab set "$(REPO)"; else $(BIN)/python -m trm_utils.colab apply; fi
+
+# The paper's tables on the phantom (tutorial preset, 3 seeds; resumable: run it again after a kill)
+# then the report; e.g. `make sweep STUDY=table1 SEEDS=5 SWEEP=runs/sweep/t1`.
+sweep: setup
+	$(BIN)/python -m trm_utils.sweep run --study $(STUDY) --dataset phantom --seeds $(SEEDS) --out $(SWEEP)
+	$(BIN)/python -m trm_utils.sweep report $(SWEEP)
+
+report: setup
+	$(BIN)/python -m trm_utils.sweep report $(SWEEP)

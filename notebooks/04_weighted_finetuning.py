@@ -242,8 +242,8 @@ for fam, df in grids.items():
 # ## 4. Did pixel-LEEP rank the sources the way fine-tuning did?
 # For each target: Kendall's tau between the sources' pixel-LEEP and their vanilla fine-tuned Dice (1 = same
 # order). A rank correlation over 2 sources can only be +1 or -1, so it is computed only for targets with at
-# least 3 sources; with the tutorial grid's 2 sources per target this section says so and leaves the
-# question to a larger grid (pass more `tissue_sources`, or run the paper preset's 6 x 6 grid).
+# least 3 sources; with the tutorial grid's 2 sources per target this section says so. The full 6 x 6 grids
+# (5 sources per target) are the sweep's: notebook 07 reports tau per target and its mean over targets.
 
 # %%
 rank_rows = []

@@ -123,10 +123,21 @@ def grid_table(runs: pd.DataFrame, study: str, sizes_map: dict | None = None) ->
         else:
             pk = ["target", "source"]
         pw = p.pivot_table(index=pk, columns="method", values="dice").add_prefix("paper_").reset_index()
-        if study == "table3":
-            table = table.merge(pw, on=pk, how="left")
-        else:
-            table = table.merge(pw, on=pk, how="left")
+        table = table.merge(pw, on=pk, how="left")
+        # an average row's paper numbers: the paper's mean over the same cells as ours (a partial
+        # grid is compared with the same part of the paper's)
+        pcols = [c for c in table.columns if c.startswith("paper_") and c != "paper_n_slices"]
+        cells = table[table.source != "average"] if study != "table3" else table[table.target != "average"]
+        for i, row in table.iterrows():
+            if study != "table3" and row.source == "average":
+                table.loc[i, pcols] = cells[cells.target == row.target][pcols].mean().values
+            elif study == "table3" and row.target == "average":
+                table.loc[i, pcols] = cells[cells.n_slices == row.n_slices][pcols].mean().values
+    # each method's Dice, its spread and the paper's Dice for the cell side by side
+    cols = [c for c in keys if c in table] + (["paper_n_slices"] if "paper_n_slices" in table else [])
+    for m in methods:
+        cols += [c for c in (m, f"{m}_std", f"paper_{m}") if c in table]
+    table = table[cols + [c for c in table.columns if c not in cols]]
     order = {t: i for i, t in enumerate(E.PAPER_TASKS.get(name, []))}
     table["_t"] = table.target.map(lambda t: order.get(t, 99))
     table["_s"] = table.source.map(lambda s: 100 if s == "average" else order.get(s, 99))
@@ -196,7 +207,9 @@ def gains_table(runs: pd.DataFrame, study: str, reference: str = "trm", n_boot: 
     name = runs.dataset.iloc[0]
     paper = paper_grid(study, name)
     if len(paper) and study != "table3":
-        p = paper[paper.source != "average"].groupby("method").dice.mean()
+        # the paper's mean over the same cells as ours (all of them for a full grid)
+        ours = runs[["target", "source"]].drop_duplicates()
+        p = paper[paper.source != "average"].merge(ours, on=["target", "source"]).groupby("method").dice.mean()
         out["paper_dice_mean"] = p.reindex(out.index)
         if "vanilla" in p:
             out["paper_gain_pct"] = 100 * (out.paper_dice_mean - p["vanilla"]) / p["vanilla"]
@@ -307,13 +320,21 @@ def fewshot_figure(runs: pd.DataFrame):
 def markdown(df: pd.DataFrame, digits: int = 4, index: bool = False) -> str:
     """A pipe table (no extra dependency)."""
     d = df.reset_index() if index else df
-    def fmt(v):
+    counts = ("wins", "ties", "losses", "n_", "runs", "plateaued", "below", "seeds")
+
+    def fmt(v, col):
+        if v is None or v is pd.NA:
+            return ""
         if isinstance(v, (float, np.floating)):
-            return "" if np.isnan(v) else f"{v:.{digits}f}"
-        return "" if v is None or (isinstance(v, type(pd.NA))) else str(v)
+            if np.isnan(v):
+                return ""
+            if float(v).is_integer() and any(k in col for k in counts):
+                return str(int(v))
+            return f"{v:.{digits}f}"
+        return str(v)
     cols = [str(c) for c in d.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in d.itertuples(index=False)]
+    lines += ["| " + " | ".join(fmt(v, c) for v, c in zip(row, cols)) + " |" for row in d.itertuples(index=False)]
     return "\n".join(lines)
 
 

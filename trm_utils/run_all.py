@@ -18,7 +18,8 @@ import pandas as pd
 
 from .utils import REPO_ROOT, atomic_write_json, atomic_write_text
 
-NOTEBOOKS = ["01_leep", "02_pixel_leep", "03_risk_maps", "04_weighted_finetuning", "05_few_shot"]
+NOTEBOOKS = ["01_leep", "02_pixel_leep", "03_risk_maps", "04_weighted_finetuning", "05_few_shot", "06_transfer_cell",
+             "07_reproduce_paper"]
 
 
 def _literal(text: str):

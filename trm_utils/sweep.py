@@ -280,7 +280,8 @@ def run_unit(spec: dict) -> dict:
     u, s = spec["unit"], spec["settings"]
     params = {"dataset": s["dataset"], "data_dir": s["data_dir"], "preset": s["preset"], "family": u["family"],
               "source": u["source"], "target": u["target"], "n_slices": u["n_slices"], "methods": list(u["methods"]),
-              "seeds": list(u["seeds"]), "overrides": s["overrides"], "output_dir": str(d), "device": spec["device"],
+              "seeds": list(u["seeds"]), "iterations": s["overrides"].get("iterations"),
+              "overrides": {k: v for k, v in s["overrides"].items() if k != "iterations"}, "output_dir": str(d), "device": spec["device"],
               "num_threads": spec["num_threads"], "cache_dir": spec["cache_dir"], "show_progress": False}
     tmp_nb = d / f".{spec['uid']}.running.ipynb"
     t0 = time.perf_counter()
@@ -444,6 +445,29 @@ def _source_cached(u: Unit, fams: dict, cfg: dict, cache_dir) -> bool:
     return E.source_model_path(u.name, root, u.source, cfg, cache_dir=cache_dir).exists()
 
 
+def export(out, dest) -> int:
+    """Copy a sweep's settings and its finished units' result files (``unit.json``,
+    ``result.csv``, ``cell.json``; not the executed notebooks or figures) into ``dest``, a new
+    folder that ``report`` reads like the original. Returns the number of units copied."""
+    src, dst = resolve_path(out), resolve_path(dest)
+    if not (src / "sweep.json").exists():
+        raise SweepError(f"{src} is not a sweep folder (no sweep.json)")
+    if dst.exists() and any(dst.iterdir()):
+        raise SweepError(f"{dst} exists and is not empty; give a new folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for d in sorted((src / "units").glob("*")):
+        if unit_status(d) != "done":
+            continue
+        for f in ("result.csv", "cell.json", "unit.json"):  # unit.json last: it marks the copy done
+            if (d / f).exists():
+                (dst / "units" / d.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(d / f, dst / "units" / d.name / f)
+        n += 1
+    shutil.copy2(src / "sweep.json", dst / "sweep.json")
+    return n
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def plan(studies, settings: Settings, out, methods=None, sources=None, targets=None, sizes=None,
@@ -498,6 +522,9 @@ def main(argv=None) -> int:
     rep = sub.add_parser("report", help="tables, statistics and heatmaps of a sweep folder")
     rep.add_argument("out", help="the sweep folder")
     rep.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the gains' intervals")
+    exp = sub.add_parser("export", help="copy a sweep's result files (no executed notebooks) to share or commit them")
+    exp.add_argument("out", help="the sweep folder")
+    exp.add_argument("dest", help="a new folder")
     args = ap.parse_args(argv)
     try:
         if args.command == "report":
@@ -505,6 +532,10 @@ def main(argv=None) -> int:
 
             files = write_report(args.out, n_boot=args.bootstrap)
             print("\n".join(str(f) for f in files))
+            return 0
+        if args.command == "export":
+            n = export(args.out, args.dest)
+            print(f"copied {n} finished units to {args.dest}")
             return 0
         return _run(args)
     except SweepError as err:

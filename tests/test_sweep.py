@@ -1,0 +1,232 @@
+"""Sweeps: expansion, hashing, refusal of bad input, the local runner killed and resumed,
+the submitit path (submitit's LocalExecutor), and the report on a smoke sweep."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trm_utils import experiments as E
+from trm_utils import report as R
+from trm_utils import sweep as S
+from trm_utils.utils import REPO_ROOT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    # source models of the smoke units go to a temporary cache (the kernels inherit the variable)
+    old = os.environ.get("TRM_CACHE_DIR")
+    os.environ["TRM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("TRM_CACHE_DIR", None)
+    else:
+        os.environ["TRM_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    # the smoke phantom, generated once for this module (no network, seconds)
+    d = tmp_path_factory.mktemp("sweepdata")
+    return S.Settings(dataset="phantom", data_dir=str(d), preset="smoke", seeds=[0, 1])
+
+
+@pytest.fixture(scope="module")
+def fams(settings):
+    return S.families_of(settings)
+
+
+def test_expand_full_grids(settings, fams):
+    t1 = S.expand("table1", settings, fams)
+    t2 = S.expand("table2", settings, fams)
+    t3 = S.expand("table3", settings, fams)
+    assert len(t1) == 30 and len(t2) == 30  # every source on every other target (6 x 5)
+    assert all(u.source != u.target for u in t1 + t2)
+    assert {u.name for u in t1} == {"iseg2019"} and {u.name for u in t2} == {"fets2021"}
+    # Table III: one source, the five other tissue tasks, at every few-shot size
+    assert {u.source for u in t3} == {"CSF-T1"} and len({u.target for u in t3}) == 5
+    assert sorted({u.n_slices for u in t3}) == sorted(S.FEWSHOT_SIZES["smoke"])
+    assert all(u.methods == E.CORE_METHODS and u.seeds == (0, 1) for u in t1 + t3)
+    ab = S.expand("ablations", settings, fams)
+    assert "trm@base=2" in ab[0].methods and any(m.startswith("trm@refresh=") for m in ab[0].methods)
+    assert len({u.uid for u in t1 + t2 + t3 + ab}) == len(t1 + t2 + t3 + ab)
+
+
+def test_expand_filters_and_refusals(settings, fams):
+    units = S.expand("table1", settings, fams, sources=["WM-T1"], targets=["GM-T1", "GM-T2"])
+    assert [(u.source, u.target) for u in units] == [("WM-T1", "GM-T1"), ("WM-T1", "GM-T2")]
+    with pytest.raises(S.SweepError, match="no cell left after filtering"):
+        S.expand("table1", settings, fams, sources=["GM-T1"], targets=["GM-T1"])
+    with pytest.raises(S.SweepError, match="unknown study 'table9'.*table1, table2, table3, ablations"):
+        S.expand("table9", settings, fams)
+    with pytest.raises(S.SweepError, match="unknown source task.*CSF-T1"):
+        S.expand("table1", settings, fams, sources=["XX-T1"])
+    with pytest.raises(S.SweepError, match="unknown method 'vanila'"):
+        S.expand("table1", settings, fams, methods=["vanila"])
+    with pytest.raises(S.SweepError, match="study table2 needs tumour data"):
+        S.expand("table2", settings, {"tissue": fams["tissue"]})
+
+
+def test_unit_hash_covers_what_decides_the_numbers(settings, fams):
+    u = S.expand("table1", settings, fams, sources=["WM-T1"], targets=["GM-T1"])[0]
+    cfg, sig, code = settings.cfg(), S.data_signature(fams), S.code_version()
+    h = S.unit_hash(u, cfg, sig, code)
+    assert h == S.unit_hash(u, dict(cfg), dict(sig), code)  # deterministic
+    assert h != S.unit_hash(u, {**cfg, "iterations": cfg["iterations"] + 1}, sig, code)
+    assert h != S.unit_hash(u, cfg, {**sig, "iseg2019": "other"}, code)
+    assert h != S.unit_hash(u, cfg, sig, "0" * 12)
+    u2 = S.Unit(**{**u.__dict__, "seeds": (0, 1, 2)})
+    assert h != S.unit_hash(u2, cfg, sig, code)
+
+
+def test_open_sweep_refuses_to_mix(tmp_path, settings):
+    out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
+    S.open_sweep(out, settings, ["table3"])  # same settings, another study: fine
+    assert json.loads((out / "sweep.json").read_text())["studies"] == ["table1", "table3"]
+    other = S.Settings(**{**settings.__dict__, "seeds": [0, 1, 2]})
+    with pytest.raises(S.SweepError, match=r"different settings \(seeds: folder has \[0, 1\], asked \[0, 1, 2\]\).*new --out"):
+        S.open_sweep(out, other, ["table1"])
+    (tmp_path / "notasweep").mkdir()
+    (tmp_path / "notasweep" / "x.txt").write_text("mine")
+    with pytest.raises(S.SweepError, match="not a sweep folder"):
+        S.open_sweep(tmp_path / "notasweep", settings, ["table1"])
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert S.main(["run", "--study", "table9", "--dry-run"]) == 2
+    assert "unknown study 'table9'" in capsys.readouterr().err
+    assert S.main(["run", "--study", "table1", "--dataset", "brats", "--dry-run"]) == 2
+    assert "unknown dataset 'brats'; choose one of phantom, iseg2019, fets2021, msd" in capsys.readouterr().err
+    assert S.main(["run", "--study", "table1", "--preset", "huge", "--dry-run"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+    assert S.main(["run", "--study", "table1", "--dataset", "iseg2019", "--data-dir", str(tmp_path / "none"),
+                   "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "data_download.sh" in err
+    assert S.main(["run", "--study", "table1", "--executor", "cloud", "--dry-run"]) == 2
+    assert "unknown executor 'cloud'" in capsys.readouterr().err
+
+
+def test_slurm_executor_needs_sbatch_and_submitit(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
+    with pytest.raises(S.SweepError, match="needs SLURM's sbatch"):
+        S.slurm_executor(tmp_path / "slurm")
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    with pytest.raises(S.SweepError, match="needs submitit: pip install submitit"):
+        S.slurm_executor(tmp_path / "slurm", cluster="local")
+
+
+def _specs(out, settings, fams, units):
+    cfg, sig, code = settings.cfg(), S.data_signature(fams), S.code_version()
+    return [S.unit_spec(out, u, settings, S.unit_hash(u, cfg, sig, code), device="cpu", num_threads=1) for u in units]
+
+
+def test_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, settings, fams):
+    out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
+    good = S.expand("table1", settings, fams, sources=["WM-T1"], targets=["GM-T1"])[0]
+    bad = S.Unit(**{**good.__dict__, "target": "XX-T9"})  # a task the data does not have
+    res = S.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
+    assert [r["status"] for r in res] == ["failed", "done"]
+    rec = json.loads(next((out / "units").glob("*XX-T9*/unit.json")).read_text())
+    assert rec["status"] == "failed" and "XX-T9" in rec["error"] and "\n" not in rec["error"]
+    assert list((out / "units").glob("*XX-T9*/*.failed.ipynb"))  # the executed notebook, kept for the post-mortem
+    runs = pd.read_csv(next((out / "units").glob("*GM-T1*/result.csv")))
+    assert len(runs) == len(E.CORE_METHODS) * 2 and set(runs.method) == set(E.CORE_METHODS)
+    # run again: the finished unit is skipped, the failed one retried (and fails again)
+    res = S.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
+    assert [r["status"] for r in res] == ["failed", "skipped"]
+
+
+def test_local_pool_runs_units_in_parallel_processes(tmp_path, settings, fams):
+    out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
+    units = S.expand("table1", settings, fams, sources=["WM-T1", "GM-T2"], targets=["GM-T1"])
+    res = S.run_local(_specs(out, settings, fams, units), workers=2, progress=False, log=None)
+    assert sorted(r["status"] for r in res) == ["done", "done"]
+    hosts = {json.loads(f.read_text())["parameters"]["num_threads"] for f in out.glob("units/*/unit.json")}
+    assert hosts == {1}
+
+
+def test_sweep_killed_and_resumed(tmp_path, settings):
+    """A sweep killed mid-way keeps its finished units; re-running runs only the rest."""
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "trm_utils.sweep", "run", "--study", "table1", "--dataset", "phantom",
+           "--data-dir", settings.data_dir, "--preset", "smoke", "--seeds", "2", "--targets", "GM-T1",
+           "--sources", "WM-T1,CSF-T1,GM-T2", "--out", str(out), "--no-progress", "--threads", "1",
+           "--iterations", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    t0 = time.time()
+    while not any(S.unit_status(d) == "done" for d in (out / "units").glob("*")) and time.time() - t0 < 240:
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: runner and its kernel
+    proc.wait()
+    dirs = sorted((out / "units").glob("*"))
+    done = [d for d in dirs if S.unit_status(d) == "done"]
+    assert 1 <= len(done) < 3, "the kill should land mid-sweep"
+    stamps = {d.name: (d / "unit.json").stat().st_mtime_ns for d in done}
+    assert not list(out.rglob("*.tmp*"))  # nothing half-written under a final name
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"3 units, {len(done)} already done, {3 - len(done)} to run" in r.stdout
+    assert set(pd.read_csv(next(out.glob("units/*/result.csv"))).iterations) == {4}  # --iterations reached the runs
+    assert all(S.unit_status(d) == "done" for d in (out / "units").glob("*")) and len(list((out / "units").glob("*"))) == 3
+    assert {d.name: (d / "unit.json").stat().st_mtime_ns for d in done} == stamps  # finished units untouched
+    # and the report of the resumed sweep
+    files = R.write_report(out, n_boot=200)
+    assert (out / "report" / "report.md").exists() and any(f.name.endswith("_heatmap.png") for f in files)
+    grid = pd.read_csv(out / "report" / "table1_iseg2019_grid.csv")
+    assert {"vanilla", "trm", "vanilla_std", "paper_trm"} <= set(grid.columns)
+    assert (grid.source == "average").sum() == 1 and len(grid) == 4
+    # the paper's numbers sit beside ours for the same cell
+    paper = E.paper_table("iseg2019")
+    want = paper[(paper.target == "GM-T1") & (paper.source == "WM-T1") & (paper.method == "ours")].dice.item()
+    assert grid[(grid.target == "GM-T1") & (grid.source == "WM-T1")].paper_trm.item() == pytest.approx(want)
+    # export: the result files only, which report reads like the original
+    assert S.main(["export", str(out), str(tmp_path / "shared")]) == 0
+    assert not list((tmp_path / "shared").rglob("*.ipynb"))
+    R.write_report(tmp_path / "shared", n_boot=200)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "shared" / "report" / "table1_iseg2019_grid.csv"), grid)
+    assert S.main(["export", str(out), str(tmp_path / "shared")]) == 2  # never into a folder in use
+
+
+def test_submitit_local_executor(tmp_path, settings, fams):
+    pytest.importorskip("submitit")
+    out = S.open_sweep(tmp_path / "sw", settings, ["table3"])
+    units = S.expand("table3", settings, fams, targets=["WM-T1"], sizes=[6])
+    ex = S.slurm_executor(out / "slurm", cluster="local", time_min=10, cpus_per_job=1)
+    res = S.run_submitit(_specs(out, settings, fams, units), ex, progress=False, log=None)
+    assert [r["status"] for r in res] == ["done"]
+    runs = pd.read_csv(next((out / "units").glob("*/result.csv")))
+    # few-shot: each seed drew its own subset of 6 slices, recorded
+    assert set(runs.n_slices) == {6} and set(runs.subset_seed) == {0, 1} and set(runs.n_train_slices) == {6}
+    assert not list((out / "units").glob("*/*.pkl"))  # results are files, not pickles
+
+
+def test_bootstrap_and_wilcoxon():
+    b = np.full((6, 3), 0.5)
+    a = b * 1.1
+    lo, hi = R.bootstrap_gain(a, b, n_boot=200)
+    assert lo == pytest.approx(10.0) and hi == pytest.approx(10.0)
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.4, 0.6, (20, 3))
+    lo, hi = R.bootstrap_gain(b + 0.05, b, n_boot=500)
+    assert 0 < lo < 100 * 0.05 / b.mean() < hi
+    assert np.isnan(R.wilcoxon_p([0.1, 0.2], [0.0, 0.1]))  # fewer than 3 cells: no statistic
+    assert R.wilcoxon_p(b.mean(1) + 0.05, b.mean(1)) < 0.001
+
+
+def test_source_ranking_needs_three_sources():
+    rows = []
+    for t in ("A", "B"):
+        for i, s in enumerate(["s1", "s2", "s3"] if t == "A" else ["s1", "s2"]):
+            rows.append({"target": t, "source": s, "method": "vanilla", "seed": 0, "pixel_leep": -i, "dice": 0.9 - 0.1 * i})
+    rk = R.source_ranking(pd.DataFrame(rows)).set_index("target")
+    assert rk.loc["A", "kendall_tau"] == pytest.approx(1.0) and np.isnan(rk.loc["B", "kendall_tau"])
