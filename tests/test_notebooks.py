@@ -15,7 +15,8 @@ from trm_utils.utils import REPO_ROOT
 NB_DIR = REPO_ROOT / "notebooks"
 CANONICAL = {"dataset", "data_dir", "output_dir", "preset", "seeds", "device", "iterations", "show_progress"}
 TASK_LISTS = {"tissue_sources", "tissue_targets", "tumour_sources", "tumour_targets"}
-SMOKE = {"preset": "smoke", "seeds": [0, 1], "ablation_seeds": [0], "fewshot_slices": [12, 6], "show_progress": False}
+SMOKE = {"preset": "smoke", "seeds": [0, 1], "ablation_seeds": [0], "fewshot_slices": [12, 6], "show_progress": False,
+         "sweep_dir": "runs/no-such-sweep"}  # notebook 07 then runs its two-unit demo sweep
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS)
@@ -131,6 +132,23 @@ def test_05_few_shot_outputs(smoke_run):
     assert (runs.subset_seed == runs.seed).all()  # each seed its own labelled subset
     s = pd.read_csv(out / "fewshot_summary.csv")
     assert len(s) == 2 and set(s.columns) >= {"vanilla", "trm", "gain_pct"}
+
+
+def test_06_transfer_cell_outputs(smoke_run):
+    out = smoke_run[0] / "06_transfer_cell"
+    runs = pd.read_csv(out / "result.csv")
+    assert set(runs.method) == {"vanilla", "trm"} and sorted(runs.seed.unique()) == [0, 1]
+    assert set(runs.source) == {"WM-T2"} and set(runs.target) == {"WM-T1"} and runs.plateau.dtype == bool
+    assert (out / "curves.png").exists()
+
+
+def test_07_reproduce_paper_demo(smoke_run):
+    out = smoke_run[0] / "07_reproduce_paper" / "demo-sweep"
+    units = pd.read_csv(out / "report" / "units.csv")
+    assert len(units) == 2 and (units.status == "done").all()
+    grid = pd.read_csv(out / "report" / "table1_iseg2019_grid.csv")
+    assert {"trm", "paper_trm", "vanilla_std"} <= set(grid.columns) and (grid.source == "average").sum() == 1
+    assert "trm_wins" in (out / "report" / "report.md").read_text()  # wins / ties / losses reported
 
 
 def test_run_all_summary(smoke_run):

@@ -251,9 +251,10 @@ def unit_status(path: Path) -> str:
 
 def unit_spec(out: Path, unit: Unit, settings: Settings, h: str, device="auto", num_threads=0,
               cache_dir=None, kernel_name="python3") -> dict:
-    """Everything a worker needs to run ``unit`` (plain data: it crosses process and job boundaries)."""
+    """Everything a worker needs to run ``unit`` (plain data: it crosses process and job boundaries),
+    the resolved preset included."""
     return {"uid": unit.uid, "hash": h, "dir": str(unit_dir(out, unit, h)), "unit": asdict(unit),
-            "settings": asdict(settings), "device": device, "num_threads": int(num_threads),
+            "settings": asdict(settings), "cfg": settings.cfg(), "device": device, "num_threads": int(num_threads),
             "cache_dir": str(cache_dir) if cache_dir else None, "kernel_name": kernel_name}
 
 
@@ -280,8 +281,10 @@ def run_unit(spec: dict) -> dict:
     u, s = spec["unit"], spec["settings"]
     params = {"dataset": s["dataset"], "data_dir": s["data_dir"], "preset": s["preset"], "family": u["family"],
               "source": u["source"], "target": u["target"], "n_slices": u["n_slices"], "methods": list(u["methods"]),
-              "seeds": list(u["seeds"]), "iterations": s["overrides"].get("iterations"),
-              "overrides": {k: v for k, v in s["overrides"].items() if k != "iterations"}, "output_dir": str(d), "device": spec["device"],
+              "seeds": list(u["seeds"]), "iterations": spec["cfg"]["iterations"],
+              # the preset as resolved (and hashed) when the sweep was planned, every key of it: the
+              # unit runs exactly what its hash names, even if the preset's defaults change later
+              "overrides": {k: v for k, v in spec["cfg"].items() if k != "iterations"}, "output_dir": str(d), "device": spec["device"],
               "num_threads": spec["num_threads"], "cache_dir": spec["cache_dir"], "show_progress": False}
     tmp_nb = d / f".{spec['uid']}.running.ipynb"
     t0 = time.perf_counter()
