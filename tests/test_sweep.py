@@ -210,6 +210,14 @@ def test_submitit_local_executor(tmp_path, settings, fams):
     assert not list((out / "units").glob("*/*.pkl"))  # results are files, not pickles
 
 
+def test_timed_out_job_is_requeued_with_the_same_unit():
+    submitit = pytest.importorskip("submitit")
+    spec = {"uid": "u", "dir": "/nonexistent"}
+    again = S.UnitJob().checkpoint(spec)  # what submitit calls on a time-out or preemption
+    assert isinstance(again, submitit.helpers.DelayedSubmission)
+    assert isinstance(again.function, S.UnitJob) and again.args == (spec,)
+
+
 def test_bootstrap_and_wilcoxon():
     b = np.full((6, 3), 0.5)
     a = b * 1.1

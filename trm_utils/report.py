@@ -276,8 +276,13 @@ def grid_heatmaps(runs: pd.DataFrame, study: str, title: str = ""):
     paper = paper_grid(study, name)
     has_paper = len(paper) and extra
     n = len(methods) + len(extra) + (1 if has_paper else 0)
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2), squeeze=False)
-    axes = axes[0]
+    ncol = min(n, 3)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.6 * nrow), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    axes = axes[:n]
     vmin = min(np.nanmin(m.values) for m in mats.values())
     vmax = max(np.nanmax(m.values) for m in mats.values())
     for ax, m in zip(axes, methods):
