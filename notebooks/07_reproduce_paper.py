@@ -150,21 +150,7 @@ for key, s in rep["studies"].items():
 # ## 5. The headline, printed from the numbers
 
 # %%
-lines = []
-for key, s in rep["studies"].items():
-    g = s["gains_all"] if "gains_all" in s else s["gains"]
-    if "trm" not in g.index or "gain_pct" not in g:
-        continue
-    t = g.loc["trm"]
-    line = (f"{key}: TRM {t.dice_mean:.4f} vs vanilla {g.loc['vanilla', 'dice_mean']:.4f}: {t.gain_pct:+.2f}% "
-            f"(95% CI {t.gain_ci_low:+.2f} to {t.gain_ci_high:+.2f}) over {int(t.n_cells)} cells x {int(t.n_seeds)} seeds")
-    if "paper_gain_pct" in g and pd.notna(g.loc["trm"].get("paper_gain_pct")):
-        line += f"; paper {g.loc['trm', 'paper_gain_pct']:+.2f}%"
-    for b in [m for m in g.index if m not in ("trm",)]:
-        if "trm_wins" in g and pd.notna(g.loc[b, "trm_wins"]):
-            line += (f"\n    TRM vs {b}: {int(g.loc[b, 'trm_wins'])} wins / {int(g.loc[b, 'trm_ties'])} ties / "
-                     f"{int(g.loc[b, 'trm_losses'])} losses, Wilcoxon p = {g.loc[b, 'trm_wilcoxon_p']:.3g}")
-    lines.append(line)
+lines = R.headline(rep)
 print("\n".join(lines) if lines else "no study with both vanilla and TRM in this sweep")
 if demo:
     print("(smoke-preset demo: these numbers check the code path; they are not results)")

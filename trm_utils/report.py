@@ -263,9 +263,12 @@ def source_ranking(runs: pd.DataFrame, method: str = "vanilla") -> pd.DataFrame:
 def grid_heatmaps(runs: pd.DataFrame, study: str, title: str = ""):
     """One panel per method of the grid's Dice (target rows, source columns), and one of TRM's
     relative gain over vanilla per cell (the paper's gain beside, where it has the grid)."""
+    import warnings
+
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)  # the empty diagonal
     methods = list(dict.fromkeys(runs.method))
     name = runs.dataset.iloc[0]
     order = [t for t in E.PAPER_TASKS.get(name, []) if t in set(runs.target) | set(runs.source)]
@@ -335,6 +338,8 @@ def markdown(df: pd.DataFrame, digits: int = 4, index: bool = False) -> str:
                 return ""
             if float(v).is_integer() and any(k in col for k in counts):
                 return str(int(v))
+            if col == "p" or col.endswith("_p"):
+                return f"{v:.2g}"
             return f"{v:.{digits}f}"
         return str(v)
     cols = [str(c) for c in d.columns]
@@ -375,6 +380,29 @@ def build_report(out, n_boot: int = 2000) -> dict:
     return rep
 
 
+def headline(rep: dict) -> list:
+    """One line per study, printed from the numbers: TRM's gain over vanilla with its interval
+    and the paper's, then TRM against each other method over cells (wins / ties / losses, p)."""
+    lines = []
+    for key, s in rep["studies"].items():
+        g = s.get("gains_all", s["gains"])
+        if "trm" not in g.index or "vanilla" not in g.index or "gain_pct" not in g:
+            continue
+        t = g.loc["trm"]
+        line = (f"{key}: TRM {t.dice_mean:.4f} vs vanilla {g.loc['vanilla', 'dice_mean']:.4f}: {t.gain_pct:+.2f}% "
+                f"(95% CI {t.gain_ci_low:+.2f} to {t.gain_ci_high:+.2f}) over {int(t.n_cells)} cells x {int(t.n_seeds)} seeds")
+        if "paper_gain_pct" in g and pd.notna(t.get("paper_gain_pct")):
+            line += f"; paper {t.paper_gain_pct:+.2f}%"
+        for b in g.index:
+            if b != "trm" and "trm_wins" in g and pd.notna(g.loc[b, "trm_wins"]):
+                p = g.loc[b, "trm_wilcoxon_p"]
+                line += (f"\n    TRM vs {b}: better in {int(g.loc[b, 'trm_wins'])}, tied in {int(g.loc[b, 'trm_ties'])}, "
+                         f"worse in {int(g.loc[b, 'trm_losses'])} cells; Wilcoxon p = "
+                         + ("n/a (< 3 cells or no difference)" if pd.isna(p) else f"{p:.2g}"))
+        lines.append(line)
+    return lines
+
+
 def report_text(rep: dict) -> str:
     st = rep["settings"]["settings"]
     units = rep["units"]
@@ -387,8 +415,13 @@ def report_text(rep: dict) -> str:
     failed = units[units.status == "failed"]
     if len(failed):
         lines += ["## Failed units", ""] + [f"- {u.uid}: {u.error}" for u in failed.itertuples()] + [""]
+    if rep["studies"]:
+        lines += ["## Headline", "", "```", *headline(rep), "```", ""]
     if "plateau" in rep:
-        lines += ["## Did the runs finish learning? (plateau rule)", "", markdown(rep["plateau"]), ""]
+        lines += ["## Did the runs finish learning? (plateau rule)", "",
+                  "A run plateaued when its final held-out Dice is within 0.01 of the maximum over the last third "
+                  "of the run and rose by no more than 0.01 over it; a gain from runs that had not is a statement "
+                  "about how fast the methods learn, not where they end.", "", markdown(rep["plateau"]), ""]
     for key, s in rep["studies"].items():
         lines += [f"## {TITLES.get(s['study'], s['study'])}: {s['dataset']}", "", "### Gains", "",
                   markdown(s["gains"].reset_index(), 4), ""]
