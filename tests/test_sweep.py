@@ -238,3 +238,21 @@ def test_source_ranking_needs_three_sources():
             rows.append({"target": t, "source": s, "method": "vanilla", "seed": 0, "pixel_leep": -i, "dice": 0.9 - 0.1 * i})
     rk = R.source_ranking(pd.DataFrame(rows)).set_index("target")
     assert rk.loc["A", "kendall_tau"] == pytest.approx(1.0) and np.isnan(rk.loc["B", "kendall_tau"])
+
+
+def test_committed_phantom_sweep_reports():
+    """The phantom sweep committed under results/ (notebook 07's default) is complete per unit and reports."""
+    out = REPO_ROOT / "results" / "phantom-tutorial"
+    units = sorted((out / "units").glob("*/unit.json"))
+    assert units, f"{out} holds no units: python -m trm_utils.sweep export runs/sweep/phantom-tutorial {out}"
+    settings = json.loads((out / "sweep.json").read_text())["settings"]
+    assert settings["preset"] == "tutorial" and len(settings["seeds"]) >= 3
+    rep = R.build_report(out, n_boot=100)
+    runs = rep["runs"]
+    assert (rep["units"].status == "done").all()
+    per_unit = runs.groupby("uid").apply(lambda g: (g.method.nunique(), g.seed.nunique()), include_groups=False)
+    assert set(per_unit) == {(4, len(settings["seeds"]))}  # every method and seed of every unit
+    for key, s in rep["studies"].items():
+        assert {"vanilla", "trm"} <= set(s["gains"].index.get_level_values(-1))
+        if s["study"] != "table3":
+            assert "paper_trm" in s["grid"]
