@@ -154,8 +154,8 @@ lines = R.headline(rep)
 print("\n".join(lines) if lines else "no study with both vanilla and TRM in this sweep")
 if demo:
     print("(smoke-preset demo: these numbers check the code path; they are not results)")
-files = R.write_report(src, n_boot=n_boot)
-print(f"report written to {src / 'report'} ({len(files)} files)")
+files = R.write_report(src, n_boot=n_boot, dest=out / "report")  # the sweep folder itself is left as it is
+print(f"report written to {out / 'report'} ({len(files)} files)")
 
 # %% [markdown]
 # ## Summary

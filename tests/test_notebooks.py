@@ -143,7 +143,8 @@ def test_06_transfer_cell_outputs(smoke_run):
 
 
 def test_07_reproduce_paper_demo(smoke_run):
-    out = smoke_run[0] / "07_reproduce_paper" / "demo-sweep"
+    out = smoke_run[0] / "07_reproduce_paper"
+    assert (out / "demo-sweep" / "units").is_dir()
     units = pd.read_csv(out / "report" / "units.csv")
     assert len(units) == 2 and (units.status == "done").all()
     grid = pd.read_csv(out / "report" / "table1_iseg2019_grid.csv")
@@ -154,3 +155,4 @@ def test_07_reproduce_paper_demo(smoke_run):
 def test_run_all_summary(smoke_run):
     text = summary_text(smoke_run[0])
     assert "tissue: mean Dice" in text and "trm" in text and "slices: vanilla" in text
+    assert "the paper's tables from the sweep" in text and "TRM vs vanilla: better in" in text

@@ -443,8 +443,8 @@ def _save_fig(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def write_report(out, n_boot: int = 2000) -> list:
-    """Write ``OUT/report/``: report.md, one CSV per table, heatmaps. Returns the files."""
+def write_report(out, n_boot: int = 2000, dest=None) -> list:
+    """Write ``dest`` (default ``OUT/report/``): report.md, one CSV per table, heatmaps. Returns the files."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -452,7 +452,7 @@ def write_report(out, n_boot: int = 2000) -> list:
 
     out = resolve_path(out)
     rep = build_report(out, n_boot)
-    d = out / "report"
+    d = resolve_path(dest) if dest is not None else out / "report"
     files = [atomic_write_text(d / "report.md", report_text(rep))]
     files.append(E.write_csv(rep["units"].drop(columns=["dir"]), d / "units.csv"))
     if "plateau" in rep:

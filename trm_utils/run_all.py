@@ -68,6 +68,13 @@ def summary_text(out: Path) -> str:
         for r in s.itertuples():
             lines.append(f"  {int(r.n_slices):>4} slices: vanilla {r.vanilla:.4f} ± {r.vanilla_std:.4f}  "
                          f"TRM {r.trm:.4f} ± {r.trm_std:.4f}  ({r.gain_pct:+.2f}%)")
+    f7 = out / "07_reproduce_paper" / "report" / "report.md"
+    if f7.exists():
+        text = f7.read_text()
+        if "## Headline" in text:
+            lines.append("the paper's tables from the sweep read by notebook 07 (see its report.md):")
+            block = text.split("## Headline", 1)[1].split("```")[1]
+            lines += ["  " + ln for ln in block.strip().splitlines()]
     return "\n".join(lines)
 
 
