@@ -22,7 +22,7 @@
 #
 # ```bash
 # python -m trm_utils.sweep run --study table1,table3,table2 --dataset phantom --seeds 3 --dry-run   # units + cost
-# python -m trm_utils.sweep run --study table1,table3,table2 --dataset phantom --seeds 3            # ~2.5-3 h, 2 CPU cores
+# python -m trm_utils.sweep run --study table1,table3,table2 --dataset phantom --seeds 3 --workers 2 --threads 1  # ~2 h, 2 CPU cores
 # python -m trm_utils.sweep report runs/sweep/phantom-tutorial
 # # real data, the paper's protocol, on a cluster (one SLURM job per unit, requeued on time-out):
 # python -m trm_utils.sweep run --study table2 --dataset fets2021 --data-dir /data --preset paper \
