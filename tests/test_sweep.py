@@ -124,7 +124,7 @@ def test_slurm_executor_needs_sbatch_and_submitit(tmp_path, monkeypatch):
 
 def _specs(out, settings, fams, units):
     cfg, sig, code = settings.cfg(), S.data_signature(fams), S.code_version()
-    return [S.unit_spec(out, u, settings, S.unit_hash(u, cfg, sig, code), device="cpu", num_threads=1) for u in units]
+    return [S.unit_spec(out, u, settings, cfg, S.unit_hash(u, cfg, sig, code), device="cpu", num_threads=1) for u in units]
 
 
 def test_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, settings, fams):

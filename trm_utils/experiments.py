@@ -236,8 +236,7 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
         raise ValueError(f"a grid needs iterations >= 1, got {cfg['iterations']}")
     device = get_device(device)
     methods, seeds = list(methods), [int(s) for s in seeds]
-    for m in methods:
-        parse_method(m)  # fail before any training on a misspelt method
+    parsed = {m: parse_method(m) for m in methods}  # fails before any training on a misspelt method
     rows = []
     for target in targets:
         test = load_task(name, root, target, "test", cfg)
@@ -253,7 +252,7 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
                 train = trains[subset_seed]
                 tr = transferability(src, train, device=device)
                 labels = [(m, s) for m in methods for s in group_seeds]
-                runs = [(*parse_method(m)[:1], s, parse_method(m)[1]) for m, s in labels]
+                runs = [(parsed[m][0], s, parsed[m][1]) for m, s in labels]
                 hists = _train_runs(src, train, test, runs, tr["hardness"], cfg, device, show_progress, engine)
                 for (method, seed), hist in zip(labels, hists):
                     final = hist["eval"][-1]

@@ -141,11 +141,10 @@ def grid_table(runs: pd.DataFrame, study: str, sizes_map: dict | None = None) ->
     order = {t: i for i, t in enumerate(E.PAPER_TASKS.get(name, []))}
     table["_t"] = table.target.map(lambda t: order.get(t, 99))
     table["_s"] = table.source.map(lambda s: 100 if s == "average" else order.get(s, 99))
-    sort = (["n_slices"] if study == "table3" else []) + ["_t", "_s"]
     if study == "table3":
         table = table.sort_values(["n_slices", "_t"], ascending=[False, True])
     else:
-        table = table.sort_values(sort)
+        table = table.sort_values(["_t", "_s"])
     return table.drop(columns=["_t", "_s"]).reset_index(drop=True)
 
 
@@ -235,12 +234,9 @@ def fewshot_gains(runs: pd.DataFrame, sizes_map: dict, n_boot: int = 2000) -> pd
 
 def plateau_counts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per study and method: runs that plateaued / all runs, and runs that ended below Dice 0.05."""
-    rows = []
-    for (study, m), g in runs.groupby(["study", "method"], sort=False):
-        ok = [E.plateau(json.loads(c))["ok"] for c in g.curve]
-        rows.append({"study": study, "method": m, "runs": len(g), "plateaued": int(sum(ok)),
-                     "below_0.05": int((g.dice < 0.05).sum())})
-    return pd.DataFrame(rows)
+    r = runs.assign(plateaued=E.plateau_table(runs).ok.values, below=runs.dice < 0.05)
+    g = r.groupby(["study", "method"], sort=False)
+    return pd.DataFrame({"runs": g.size(), "plateaued": g.plateaued.sum(), "below_0.05": g.below.sum()}).reset_index()
 
 
 def source_ranking(runs: pd.DataFrame, method: str = "vanilla") -> pd.DataFrame:

@@ -249,12 +249,12 @@ def unit_status(path: Path) -> str:
     return "done" if st == "done" and (Path(path) / "result.csv").exists() else ("failed" if st == "failed" else "todo")
 
 
-def unit_spec(out: Path, unit: Unit, settings: Settings, h: str, device="auto", num_threads=0,
+def unit_spec(out: Path, unit: Unit, settings: Settings, cfg: dict, h: str, device="auto", num_threads=0,
               cache_dir=None, kernel_name="python3") -> dict:
     """Everything a worker needs to run ``unit`` (plain data: it crosses process and job boundaries),
-    the resolved preset included."""
+    with ``cfg``, the resolved preset its hash ``h`` was computed from."""
     return {"uid": unit.uid, "hash": h, "dir": str(unit_dir(out, unit, h)), "unit": asdict(unit),
-            "settings": asdict(settings), "cfg": settings.cfg(), "device": device, "num_threads": int(num_threads),
+            "settings": asdict(settings), "cfg": cfg, "device": device, "num_threads": int(num_threads),
             "cache_dir": str(cache_dir) if cache_dir else None, "kernel_name": kernel_name}
 
 
@@ -485,7 +485,7 @@ def plan(studies, settings: Settings, out, methods=None, sources=None, targets=N
     rows = []
     for u in units:
         h = unit_hash(u, cfg, sig, code)
-        spec = unit_spec(out, u, settings, h, device, num_threads, cache_dir)
+        spec = unit_spec(out, u, settings, cfg, h, device, num_threads, cache_dir)  # the cfg that was hashed
         rows.append((u, spec, unit_status(Path(spec["dir"]))))
     return out, fams, rows
 
