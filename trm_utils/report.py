@@ -310,8 +310,10 @@ def fewshot_figure(runs: pd.DataFrame):
     import seaborn as sns
 
     per_seed = runs.groupby(["n_slices", "method", "seed"]).dice.mean().reset_index()
+    per_seed["n_slices"] = per_seed.n_slices.astype(int)  # a float column where other studies left NaN
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    sns.pointplot(per_seed, x="n_slices", y="dice", hue="method", errorbar="sd", dodge=0.25, ax=ax)
+    sns.pointplot(per_seed, x="n_slices", y="dice", hue="method", hue_order=list(dict.fromkeys(runs.method)),
+                  errorbar="sd", dodge=0.25, ax=ax)
     ax.set_xlabel("target training slices")
     ax.set_ylabel("held-out Dice (mean over targets)")
     ax.set_title(f"Table III: bars = std over seeds {sorted(runs.seed.unique().tolist())}")
