@@ -323,9 +323,10 @@ pair_source, pair_target = src[-1], tgt[0]
 train = E.load_task(name, root, pair_target, "train", ctx.cfg)
 source_model, _ = E.source_model(name, root, pair_source, ctx.cfg, device=ctx.device)
 before = transferability(source_model, train, device=ctx.device)
+budget = E.for_dataset(ctx.cfg, name)  # the preset's fine-tuning budget for this dataset
 _, tuned = finetune_cell(source_model, train, [("vanilla", ctx.seeds[0]), ("trm", ctx.seeds[0])], risk=before["hardness"],
-                         iterations=ctx.cfg["iterations"], lr=ctx.cfg["lr"], batch_size=ctx.cfg["batch_size"],
-                         lr_decay=ctx.cfg.get("lr_decay"), device=ctx.device, show_progress=False, return_models=True)
+                         iterations=budget["iterations"], lr=budget["lr"], batch_size=budget["batch_size"],
+                         lr_decay=budget.get("lr_decay"), device=ctx.device, show_progress=False, return_models=True)
 after = {m: transferability(model, train, device=ctx.device) for m, model in zip(("vanilla", "trm"), tuned)}
 i = int(torch.argmax(train.labels.flatten(1).sum(1)))
 fig = viz.image_row([train.images[i, 0], train.labels[i], risk_map(before["tmap"][i:i + 1])[0],
@@ -346,7 +347,7 @@ fig2
 verdict = {}
 for fam, s in summaries.items():
     row = s.loc["trm"]
-    verdict[fam] = {"dataset": grids[fam].dataset.iloc[0], "seeds": ctx.seeds, "iterations": ctx.cfg["iterations"],
+    verdict[fam] = {"dataset": grids[fam].dataset.iloc[0], "seeds": ctx.seeds, "iterations": int(grids[fam].iterations.iloc[0]),
                     "trm_gain_pct": float(row.gain_pct), "trm_cells_won": int(row.cells_won), "n_cells": int(row.n_cells),
                     "summary": s.round(5).reset_index().to_dict(orient="records")}
     best = s.dice_mean.idxmax()

@@ -82,8 +82,9 @@ ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, sh
 if family not in ctx.data:
     raise ValueError(f"dataset {dataset!r} has no {family} tasks (it has {list(ctx.data)}); set family to one of those")
 name, root = ctx.data[family]
+budget = E.for_dataset(ctx.cfg, name)  # the preset's budget for this dataset
 print(f"cell: {name} {source} -> {target}" + (f", {n_slices} target slices" if n_slices else "")
-      + f"; methods {methods}; seeds {ctx.seeds}; {ctx.cfg['iterations']} iterations at lr {ctx.cfg['lr']}")
+      + f"; methods {methods}; seeds {ctx.seeds}; {budget['iterations']} iterations at lr {budget['lr']}")
 
 # %% [markdown]
 # ## 1. Fine-tune every method and seed of the cell

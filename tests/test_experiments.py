@@ -1,4 +1,6 @@
 """Grid summaries, presets and the paper's reference tables."""
+import json
+
 import pandas as pd
 import pytest
 
@@ -40,6 +42,19 @@ def test_presets_and_tasks():
     assert len(s) == len(t) == 6
     with pytest.raises(ValueError, match="unknown dataset"):
         E.resolve_datasets("mnist", "data")
+
+
+def test_per_dataset_budget(phantom_root, tmp_path):
+    cfg = {"iterations": {"iseg2019": 4, "fets2021": 9}, "lr": 1e-3, "eval_every": {"iseg2019": 2}}
+    assert E.for_dataset({**cfg, "eval_every": 3}, "fets2021")["iterations"] == 9
+    assert E.for_dataset(cfg, "iseg2019")["eval_every"] == 2
+    assert E.for_dataset(cfg, "iseg2019")["lr"] == 1e-3 and cfg["iterations"] == {"iseg2019": 4, "fets2021": 9}
+    with pytest.raises(ValueError, match="'eval_every' has no value for dataset 'fets2021'"):
+        E.for_dataset(cfg, "fets2021")
+    # run_grid trains for the dataset's own number of iterations and records it
+    grid = E.get_preset("smoke", source_iterations=3, iterations={"iseg2019": 4, "fets2021": 2}, eval_every=2)
+    df = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla"], [0], grid, cache_dir=tmp_path, log=None)
+    assert df.iterations.tolist() == [4] and [i for i, _ in json.loads(df.curve[0])] == [2, 4]
 
 
 def test_source_model_cache(phantom_root, tmp_path):

@@ -119,6 +119,27 @@ def parse_method(label: str) -> tuple:
     return name, opts
 
 
+#: Budget keys a preset may give per dataset, as ``{"iseg2019": 400, "fets2021": 1200, ...}``
+#: (a plain value applies to every dataset); ``for_dataset`` resolves them.
+PER_DATASET_KEYS = ("iterations", "lr", "lr_decay", "eval_every", "source_iterations")
+
+
+def for_dataset(cfg: dict, name: str) -> dict:
+    """``cfg`` with every per-dataset budget key (``PER_DATASET_KEYS``) resolved for dataset ``name``.
+
+    A key given as a dict without ``name`` is an error naming the key and the datasets it has.
+    """
+    out = dict(cfg)
+    for k in PER_DATASET_KEYS:
+        v = out.get(k)
+        if isinstance(v, dict):
+            if name not in v:
+                raise ValueError(f"preset key {k!r} has no value for dataset {name!r} (it has {sorted(v)}); "
+                                 f"add one or give a single value")
+            out[k] = v[name]
+    return out
+
+
 def get_preset(preset: str, **overrides) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
@@ -162,8 +183,7 @@ def load_task(name, root, task, split, cfg, max_slices=None, seed=0):
 
 def source_iterations(cfg: dict, name: str) -> int:
     """The preset's source pre-training iterations for dataset ``name`` (a number or a per-dataset dict)."""
-    its = cfg["source_iterations"]
-    return int(its[name] if isinstance(its, dict) else its)
+    return int(for_dataset(cfg, name)["source_iterations"])
 
 
 def new_unet(name: str, cfg: dict) -> UNet2D:
@@ -232,6 +252,7 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     """
     if engine not in ("batched", "per_run"):
         raise ValueError(f"engine must be 'batched' or 'per_run', got {engine!r}")
+    cfg = for_dataset(cfg, name)
     if int(cfg["iterations"]) < 1:
         raise ValueError(f"a grid needs iterations >= 1, got {cfg['iterations']}")
     device = get_device(device)

@@ -157,7 +157,7 @@ def expand(study: str, settings: Settings, fams: dict, methods=None, sources=Non
             if bad:
                 raise SweepError(f"unknown {kind} task(s) {bad} for {name}; its tasks are {', '.join(tasks)}")
         if study == "ablations":
-            ms = tuple(m.format(refresh=max(1, int(cfg["iterations"]) // 4)) for m in (methods or ABLATION_METHODS))
+            ms = tuple(m.format(refresh=max(1, int(E.for_dataset(cfg, name)["iterations"]) // 4)) for m in (methods or ABLATION_METHODS))
             g = E.TUTORIAL_GRID[name]
             pairs = [(s, t) for t in g["targets"] for s in g["sources"] if s != t]
         else:
@@ -435,7 +435,7 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto",
     for u in units:
         groups = len(u.seeds) if u.n_slices else 1
         n_runs = len(u.methods) * (1 if u.n_slices else len(u.seeds))
-        sec = 1.1 * groups * int(cfg["iterations"]) * per_iteration(u.name, n_runs)
+        sec = 1.1 * groups * int(E.for_dataset(cfg, u.name)["iterations"]) * per_iteration(u.name, n_runs)
         if (u.name, u.source) not in seen_sources and not _source_cached(u, fams, cfg, cache_dir):
             sec += E.source_iterations(cfg, u.name) * per_iteration(u.name, 1)
         seen_sources.add((u.name, u.source))
