@@ -17,7 +17,7 @@
 # - how vanilla and TRM fine-tuning compare as the target set shrinks, with the spread over seeds;
 # - how to read a small-sample result honestly.
 #
-# **Compute budget** (tutorial preset, phantom, 3 seeds): about 3 min on 2 CPU cores; under a minute on a GPU.
+# **Compute budget** (tutorial preset, phantom, 3 seeds): about 4 min on 2 CPU cores; under a minute on a GPU.
 #
 # **Scaling.** A phantom training split has about 280 slices per tissue task (the real iSeg-2019 training
 # subjects give far more). The main job affords one target (WM-T1, where a short budget left vanilla stuck at
@@ -62,7 +62,7 @@ output_dir = "runs/notebooks/05_few_shot"
 preset = "tutorial"  # tutorial | paper
 seeds = [0, 1, 2]
 device = "auto"
-iterations = None  # None: the preset's value
+iterations = None  # None: the preset's budget for the tissue tasks (600)
 show_progress = True
 fewshot_source = "CSF-T1"
 fewshot_targets = None  # None: tutorial ["WM-T1"]; paper: the other five tissue tasks
