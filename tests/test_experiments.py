@@ -55,6 +55,12 @@ def test_per_dataset_budget(phantom_root, tmp_path):
     grid = E.get_preset("smoke", source_iterations=3, iterations={"iseg2019": 4, "fets2021": 2}, eval_every=2)
     df = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla"], [0], grid, cache_dir=tmp_path, log=None)
     assert df.iterations.tolist() == [4] and [i for i, _ in json.loads(df.curve[0])] == [2, 4]
+    # the few-shot study runs on its own budget; an explicit iterations replaces it
+    few = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla"], [0], {**grid, "fewshot": {"iterations": 2}},
+                     max_slices=4, cache_dir=tmp_path, log=None)
+    assert few.iterations.tolist() == [2]
+    assert E.get_preset("tutorial")["fewshot"]["iterations"] == 400
+    assert "iterations" not in E.get_preset("tutorial", iterations=7)["fewshot"]
 
 
 def test_source_model_cache(phantom_root, tmp_path):
