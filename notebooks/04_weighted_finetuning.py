@@ -22,10 +22,11 @@
 #
 # **Compute budget** (tutorial preset, phantom, 3 seeds): about 10 min on 2 CPU cores.
 # The tutorial preset's budget was chosen from held-out curves (`E.PRESETS["tutorial"]` says how): 600
-# iterations for the tissue grid, whose runs flatten; one tumour cell at 400 iterations, reported as *not
-# converged*: on the tumour phantom the held-out Dice keeps jumping and, run longer, peaks and falls as the
-# decoder overfits a few training subjects (1200 iterations did not pass the plateau rule either). The
-# tumour numbers below are therefore early-budget figures, and section 2.1 says so run by run.
+# iterations for the tissue grid, whose runs flattened when the budget was chosen; one tumour cell at 400
+# iterations, reported as *not converged*: on the tumour phantom the held-out Dice keeps jumping and, run
+# longer, peaks and falls as the decoder overfits a few training subjects (1200 iterations did not pass the
+# plateau rule either). The tumour numbers below are therefore early-budget figures; section 2.1 checks
+# every run, tissue and tumour, again.
 # The `paper` preset (classic U-Net, 5k iterations, full 6 × 6 grids) needs a GPU: roughly 1-2 GPU-hours per
 # dataset.
 
