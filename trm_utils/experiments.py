@@ -57,7 +57,8 @@ PRESETS = {
         "eval_every": {"iseg2019": 50, "fets2021": 25, "msd": 25},
         # The few-shot study (a capped target training set) overrides these: at 600 iterations its
         # held-out Dice peaks and then falls by 0.012-0.019 (8 of 12 main-job runs failed the rule:
-        # 25 or 100 slices overfit), at 400 iterations with the Dice every 25, 10 of 12 passed.
+        # 25 or 100 slices overfit); at 400 iterations with the Dice every 25, 8 of 12 passed (the
+        # failures are whole subsets: one seed's 25 slices peak and fall, another's 100 still rise).
         "fewshot": {"iterations": 400, "eval_every": 25},
     },
     # a seconds-long run of every code path, for the tests (not for results)
