@@ -240,9 +240,11 @@ def test_source_ranking_needs_three_sources():
     assert rk.loc["A", "kendall_tau"] == pytest.approx(1.0) and np.isnan(rk.loc["B", "kendall_tau"])
 
 
-def test_committed_phantom_sweep_reports():
-    """The phantom sweep committed under results/ (notebook 07's default) is complete per unit and reports."""
-    out = REPO_ROOT / "results" / "phantom-tutorial"
+@pytest.mark.parametrize("folder", ["phantom-tutorial", "phantom-tutorial-v2"])
+def test_committed_phantom_sweep_reports(folder):
+    """The phantom sweeps committed under results/ (the first is notebook 07's default) are complete
+    per unit and report."""
+    out = REPO_ROOT / "results" / folder
     units = sorted((out / "units").glob("*/unit.json"))
     assert units, f"{out} holds no units: python -m trm_utils.sweep export runs/sweep/phantom-tutorial {out}"
     settings = json.loads((out / "sweep.json").read_text())["settings"]
