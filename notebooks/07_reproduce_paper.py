@@ -31,6 +31,11 @@
 #
 # Killing a sweep loses only the units in flight: run the same command again and it picks up where it
 # stopped (finished units are recognised by a hash of everything that determines them).
+#
+# **What it reads by default.** `results/phantom-tutorial-v2/`, committed with the kit: Tables I and III on the
+# phantom at the current tutorial budget (45 units, seeds 0, 1, 2). Table II is not in it, because the tumour runs
+# do not finish learning at that budget. `results/phantom-tutorial/` has all three tables at the previous budget:
+# set `sweep_dir` to it to see Table II (and read `results/README.md` first).
 
 # %% [markdown]
 # ## 0. Setup
@@ -66,7 +71,7 @@ from trm_utils import sweep as S
 from trm_utils.utils import resolve_path
 
 # %% tags=["parameters"]
-sweep_dir = "results/phantom-tutorial"  # a sweep folder (python -m trm_utils.sweep run ... --out DIR)
+sweep_dir = "results/phantom-tutorial-v2"  # a sweep folder (python -m trm_utils.sweep run ... --out DIR)
 output_dir = "runs/notebooks/07_reproduce_paper"
 demo_if_missing = True  # no sweep there: run a two-unit smoke sweep (a code-path demo, not results)
 n_boot = 2000  # bootstrap resamples for the gains' intervals
