@@ -126,3 +126,12 @@ def test_dice_at_and_early_vs_final():
     assert t.loc["trm", ("at 20", "gain_pct")] == pytest.approx(40.0)
     assert t.loc["trm", ("at 30 (end)", "gain_pct")] == pytest.approx(0.0)
     assert len(E.stuck_runs(E.dice_at(df, 10))) == 2
+
+
+def test_notebook_header_prints_the_per_dataset_budget(capsys, tmp_path):
+    from trm_utils.notebook import setup
+    setup(output_dir=tmp_path / "out", preset="tutorial", need_data=False, iterations={"iseg2019": 11, "fets2021": 7})
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("device:"))
+    assert "fine-tuning iterations: iseg2019 11, fets2021 7 |" in line
+    setup(output_dir=tmp_path / "out", preset="smoke", need_data=False, iterations=5)
+    assert "fine-tuning iterations: 5 |" in capsys.readouterr().out

@@ -212,9 +212,9 @@ def source_model_path(name, root, task, cfg, seed=0, cache_dir=None) -> Path:
     """Where ``source_model`` caches the source U-Net for ``task``: the key covers the data, the
     task, the architecture and the training settings, so a changed setting trains a new model."""
     ds = D.open_dataset(name, root)
+    b = for_dataset(cfg, name)
     key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
-                      source_iterations(cfg, name), cfg["source_lr"], cfg["batch_size"], seed,
-                      for_dataset(cfg, name).get("source_lr_decay"), 2])
+                      int(b["source_iterations"]), cfg["source_lr"], cfg["batch_size"], seed, b.get("source_lr_decay"), 2])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     cache_dir = resolve_path(cache_dir) if cache_dir is not None else cache_root() / "sources"
     return Path(cache_dir) / f"{name}-{task}-{digest}.pt"
@@ -227,7 +227,8 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     checkpoint path. The cache key covers the data, the task, the architecture and the
     training settings, so a changed setting trains a new model.
     """
-    its = source_iterations(cfg, name)
+    b = for_dataset(cfg, name)
+    its = int(b["source_iterations"])
     path = source_model_path(name, root, task, cfg, seed, cache_dir)
     device = get_device(device)
     seed_everything(seed)
@@ -241,7 +242,7 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
         test = load_task(name, root, task, "test", cfg)
         hist = train_source(model, train, its, cfg["source_lr"], cfg["batch_size"], device=device, seed=seed,
                             show_progress=show_progress, eval_data=test,
-                            eval_every=max(1, its // 20), lr_decay=for_dataset(cfg, name).get("source_lr_decay"))
+                            eval_every=max(1, its // 20), lr_decay=b.get("source_lr_decay"))
         atomic_torch_save({"state_dict": model.state_dict(), "history": hist}, path)
         status = "trained"
     curve = [[e["iteration"], e["dice"]] for e in hist.get("eval", [])]

@@ -73,7 +73,11 @@ def setup(dataset="phantom", data_dir="data", output_dir="runs/notebook", preset
     out.mkdir(parents=True, exist_ok=True)
     data = E.resolve_datasets(dataset, data_dir, preset, seed=0) if need_data else {}
     plt.rcParams.update({"figure.dpi": 90, "image.interpolation": "nearest"})
-    print(f"device: {dev} | preset: {preset} | iterations: {cfg['iterations']} | seeds: {list(seeds)}")
+    its = cfg["iterations"]
+    if isinstance(its, dict):  # a per-dataset budget: the datasets this notebook uses
+        names = [name for name, _ in data.values()] or list(its)
+        its = ", ".join(f"{n} {its[n]}" for n in names if n in its)
+    print(f"device: {dev} | preset: {preset} | fine-tuning iterations: {its} | seeds: {list(seeds)}")
     for fam, (name, root) in data.items():
         print(f"{fam} data: {name} under {root}")
     print(f"outputs: {out}")
