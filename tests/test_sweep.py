@@ -242,7 +242,7 @@ def test_source_ranking_needs_three_sources():
 
 @pytest.mark.parametrize("folder", ["phantom-tutorial", "phantom-tutorial-v2"])
 def test_committed_phantom_sweep_reports(folder):
-    """The phantom sweeps committed under results/ (the first is notebook 07's default) are complete
+    """The phantom sweeps committed under results/ (the second is notebook 07's default) are complete
     per unit and report."""
     out = REPO_ROOT / "results" / folder
     units = sorted((out / "units").glob("*/unit.json"))
@@ -252,8 +252,12 @@ def test_committed_phantom_sweep_reports(folder):
     rep = R.build_report(out, n_boot=100)
     runs = rep["runs"]
     assert (rep["units"].status == "done").all()
-    per_unit = runs.groupby("uid").apply(lambda g: (g.method.nunique(), g.seed.nunique()), include_groups=False)
-    assert set(per_unit) == {(4, len(settings["seeds"]))}  # every method and seed of every unit
+    per_unit = runs.groupby("uid").apply(lambda g: (sorted(set(g.method)), g.seed.nunique()), include_groups=False)
+    for f in units:  # every method and seed of every unit
+        u = json.loads(f.read_text())
+        assert per_unit[u["uid"]] == (sorted(u["unit"]["methods"]), len(settings["seeds"])), u["uid"]
+    pl = rep["plateau"]  # counted per study, dataset and method; every run counted once
+    assert pl.runs.sum() == len(runs) and not pl.duplicated(["study", "dataset", "method"]).any()
     for key, s in rep["studies"].items():
         assert {"vanilla", "trm"} <= set(s["gains"].index.get_level_values(-1))
         if s["study"] != "table3":

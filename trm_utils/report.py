@@ -233,9 +233,10 @@ def fewshot_gains(runs: pd.DataFrame, sizes_map: dict, n_boot: int = 2000) -> pd
 
 
 def plateau_counts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per study and method: runs that plateaued / all runs, and runs that ended below Dice 0.05."""
+    """Per study, dataset and method: runs that plateaued / all runs, and runs that ended below Dice 0.05
+    (per dataset because a study such as the ablations spans the tissue and the tumour families)."""
     r = runs.assign(plateaued=E.plateau_table(runs).ok.values, below=runs.dice < 0.05)
-    g = r.groupby(["study", "method"], sort=False)
+    g = r.groupby(["study", "dataset", "method"], sort=False)
     return pd.DataFrame({"runs": g.size(), "plateaued": g.plateaued.sum(), "below_0.05": g.below.sum()}).reset_index()
 
 
