@@ -132,6 +132,8 @@ for key, s in rep["studies"].items():
     display(s["gains"].round(4))  # noqa: F821
     if s["study"] == "table3":
         fig = R.fewshot_figure(s["runs"])
+    elif s["study"] == "ablations":
+        fig = R.ablation_figure(s["gains"], f"{R.TITLES.get(s['study'], s['study'])}: {s['dataset']}")
     else:
         fig = R.grid_heatmaps(s["runs"], s["study"], f"{R.TITLES.get(s['study'], s['study'])}: {s['dataset']}")
     plt.show()

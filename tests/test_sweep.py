@@ -262,3 +262,13 @@ def test_committed_phantom_sweep_reports(folder):
         assert {"vanilla", "trm"} <= set(s["gains"].index.get_level_values(-1))
         if s["study"] != "table3":
             assert "paper_trm" in s["grid"]
+
+
+def test_ablation_figure_has_a_bar_per_variant():
+    gains = pd.DataFrame({"method": ["vanilla", "trm", "fg_only"], "n_cells": 2, "n_seeds": 3, "gain_pct": [0.0, -2.0, 1.0],
+                          "gain_ci_low": [0.0, -3.0, 0.5], "gain_ci_high": [0.0, -1.0, 1.5]}).set_index("method")
+    fig = R.ablation_figure(gains, "Ablations: iseg2019")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["fg_only", "trm"]  # vanilla is the reference, not a bar
+    assert sorted(round(b.get_width(), 6) for b in ax.patches) == [-2.0, 1.0]
+    assert "2 cells x 3 seeds" in ax.get_title()

@@ -322,6 +322,25 @@ def fewshot_figure(runs: pd.DataFrame):
     return fig
 
 
+def ablation_figure(gains: pd.DataFrame, title: str = "Ablations"):
+    """Each variant's relative gain over vanilla (%) with its bootstrap 95 % interval, one bar per
+    variant (``gains`` as ``gains_table`` gives it): which part of TRM carries its effect, and
+    whether the base matters. A grid of 2 cells says little as a heatmap."""
+    import matplotlib.pyplot as plt
+
+    g = gains.reset_index()
+    g = g[g.method != "vanilla"].iloc[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(g) + 1.2))
+    colors = ["tab:red" if m == "trm" else "tab:gray" for m in g.method]
+    err = np.vstack([g.gain_pct - g.gain_ci_low, g.gain_ci_high - g.gain_pct]).clip(min=0)
+    ax.barh(g.method, g.gain_pct, xerr=err, color=colors, capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("gain over vanilla (%), bars: 95 % bootstrap interval")
+    ax.set_title(f"{title} ({int(g.n_cells.max())} cells x {int(g.n_seeds.max())} seeds)")
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- the report
 
 def markdown(df: pd.DataFrame, digits: int = 4, index: bool = False) -> str:
@@ -463,6 +482,8 @@ def write_report(out, n_boot: int = 2000, dest=None) -> list:
             files.append(E.write_csv(s["ranking"], d / f"{key}_ranking.csv"))
         if s["study"] == "table3":
             fig = fewshot_figure(s["runs"])
+        elif s["study"] == "ablations":
+            fig = ablation_figure(s["gains"], f"{TITLES.get(s['study'], s['study'])}: {s['dataset']}")
         else:
             fig = grid_heatmaps(s["runs"], s["study"], f"{TITLES.get(s['study'], s['study'])}: {s['dataset']}")
         files.append(_save_fig(fig, d / f"{key}_heatmap.png"))
