@@ -172,7 +172,10 @@ print(f"report written to {out / 'report'} ({len(files)} files)")
 #   paper's tables give single numbers, one seed each.
 #
 # ## Exercises
-# 1. Run `python -m trm_utils.sweep run --study ablations --dataset phantom --seeds 3` and report it: which part
-#    of TRM (foreground normalisation, exponential weighting) carries its effect, and does the base matter?
+# 1. The default sweep holds the ablations (section 3): which part of TRM (foreground normalisation, exponential
+#    weighting) carries its effect on the tissue cells, and does the base matter? Run a base between 2 and 10 into
+#    a folder of your own (`python -m trm_utils.sweep run --study ablations --dataset phantom --seeds 3 --methods
+#    vanilla,trm@base=5 --out runs/sweep/my-ablations`) and see where it falls. Why would choosing the base from
+#    these numbers, then quoting its gain on the same test subjects, overstate it?
 # 2. Kill a sweep with Ctrl-C half-way, run the same command again and check in `unit.json` that the finished
 #    units were not re-run.
