@@ -32,10 +32,10 @@
 # Killing a sweep loses only the units in flight: run the same command again and it picks up where it
 # stopped (finished units are recognised by a hash of everything that determines them).
 #
-# **What it reads by default.** `results/phantom-tutorial-v2/`, committed with the kit: Tables I and III on the
-# phantom at the current tutorial budget (45 units, seeds 0, 1, 2). Table II is not in it, because the tumour runs
-# do not finish learning at that budget. `results/phantom-tutorial/` has all three tables at the previous budget:
-# set `sweep_dir` to it to see Table II (and read `results/README.md` first).
+# **What it reads by default.** `results/phantom-tutorial-v2/`, committed with the kit: Tables I, II and III and the
+# ablations on the phantom at the current tutorial budget (79 units, seeds 0, 1, 2). Many tumour runs (Table II, the
+# tumour ablations) do not finish learning at that budget, and section 2 counts them: read those tables as a
+# comparison after 400 iterations. `results/README.md` gives the figures and what is behind them.
 
 # %% [markdown]
 # ## 0. Setup
