@@ -260,7 +260,7 @@ def test_committed_phantom_sweep_reports(folder):
     assert pl.runs.sum() == len(runs) and not pl.duplicated(["study", "dataset", "method"]).any()
     for key, s in rep["studies"].items():
         assert {"vanilla", "trm"} <= set(s["gains"].index.get_level_values(-1))
-        if s["study"] != "table3":
+        if s["study"] in ("table1", "table2"):  # the paper's Dice beside ours (Table III's are per size, the ablations have none)
             assert "paper_trm" in s["grid"]
 
 
