@@ -123,19 +123,14 @@ if "plateau" in rep:
 # For each study: the gains (the paper's headline: relative gain of the mean Dice over all cells), with a 95 %
 # bootstrap interval (cells and seeds resampled) and TRM's wins / ties / losses and Wilcoxon p against each
 # method over cells; then the grid itself with the paper's Dice beside ours (`paper_*` columns), and its
-# heatmaps. The phantom's images are synthetic: compare the *pattern* (which method wins, where, by how much),
-# not the absolute Dice, with the paper's.
+# figure (a grid's heatmaps, Table III's Dice against slices, the ablations' gains). The phantom's images are
+# synthetic: compare the *pattern* (which method wins, where, by how much), not the absolute Dice, with the paper's.
 
 # %%
 for key, s in rep["studies"].items():
     print(f"=== {R.TITLES.get(s['study'], s['study'])}: {s['dataset']} ===")
     display(s["gains"].round(4))  # noqa: F821
-    if s["study"] == "table3":
-        fig = R.fewshot_figure(s["runs"])
-    elif s["study"] == "ablations":
-        fig = R.ablation_figure(s["gains"], f"{R.TITLES.get(s['study'], s['study'])}: {s['dataset']}")
-    else:
-        fig = R.grid_heatmaps(s["runs"], s["study"], f"{R.TITLES.get(s['study'], s['study'])}: {s['dataset']}")
+    fig = R.study_figure(s)  # Table III: Dice against slices; ablations: gains; a grid: heatmaps
     plt.show()
     display(s["grid"].round(4))  # noqa: F821
 

@@ -341,6 +341,17 @@ def ablation_figure(gains: pd.DataFrame, title: str = "Ablations"):
     return fig
 
 
+def study_figure(s: dict):
+    """The figure of one study of ``build_report`` (``s`` = ``rep["studies"][key]``): Table III's
+    Dice against the number of slices, the ablations' gains, a grid's heatmaps otherwise."""
+    if s["study"] == "table3":
+        return fewshot_figure(s["runs"])
+    title = f"{TITLES.get(s['study'], s['study'])}: {s['dataset']}"
+    if s["study"] == "ablations":
+        return ablation_figure(s["gains"], title)
+    return grid_heatmaps(s["runs"], s["study"], title)
+
+
 # ----------------------------------------------------------------------------- the report
 
 def markdown(df: pd.DataFrame, digits: int = 4, index: bool = False) -> str:
@@ -480,12 +491,7 @@ def write_report(out, n_boot: int = 2000, dest=None) -> list:
         files.append(E.write_csv(s["gains"].reset_index(), d / f"{key}_gains.csv"))
         if "ranking" in s:
             files.append(E.write_csv(s["ranking"], d / f"{key}_ranking.csv"))
-        if s["study"] == "table3":
-            fig = fewshot_figure(s["runs"])
-        elif s["study"] == "ablations":
-            fig = ablation_figure(s["gains"], f"{TITLES.get(s['study'], s['study'])}: {s['dataset']}")
-        else:
-            fig = grid_heatmaps(s["runs"], s["study"], f"{TITLES.get(s['study'], s['study'])}: {s['dataset']}")
+        fig = study_figure(s)
         files.append(_save_fig(fig, d / f"{key}_heatmap.png"))
         plt.close(fig)
     return files
