@@ -13,6 +13,8 @@ from trm_utils.train import finetune_cell
 from .test_unet_train import small_unet, toy_data
 
 ITERS = 20
+#: every method in its default (dataset-level map) reading, and the map methods in the per-image reading
+VARIANTS = [(m, {}) for m in sorted(METHODS)] + [(m, {"reading": "image"}) for m in ("exp_only", "trm")]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def cell():
     data = toy_data(n=20, classes=3)
     src = small_unet(2, seed=1)
     train_source(src, toy_data(n=16, seed=5), iterations=10, batch_size=4, show_progress=False)
-    runs = [(m, s) for m in sorted(METHODS) for s in (0, 1)]
+    runs = [(m, s, o) for m, o in VARIANTS for s in (0, 1)]
     before = copy.deepcopy(src.state_dict())
     hist, models = finetune_cell(src, data, runs, iterations=ITERS, lr=1e-3, batch_size=4, eval_data=data,
                                  eval_every=10, show_progress=False, return_models=True)
@@ -35,13 +37,14 @@ def _reference(cell, method, seed, **kw):
     return model, hist
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_batched_equals_per_run(cell, method):
+@pytest.mark.parametrize("method,opts", VARIANTS, ids=[m + ("@map=image" if o else "") for m, o in VARIANTS])
+def test_batched_equals_per_run(cell, method, opts):
     for seed in (0, 1):
-        k = cell["runs"].index((method, seed))
-        ref_model, ref = _reference(cell, method, seed)
+        k = cell["runs"].index((method, seed, opts))
+        ref_model, ref = _reference(cell, method, seed, **opts)
         got, model = cell["hist"][k], cell["models"][k]
         assert got["method"] == method and got["seed"] == seed and len(got["loss"]) == ITERS
+        assert got["reading"] == opts.get("reading", "dataset")
         np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-4)
         ref_sd, sd = ref_model.state_dict(), model.state_dict()
         assert ref_sd.keys() == sd.keys()
@@ -65,18 +68,23 @@ def test_source_and_encoder_untouched(cell):
 def test_seeds_differ_and_histories_carry_timing(cell):
     h = cell["hist"]
     assert h[0]["loss"] != h[1]["loss"]  # same method, seeds 0 and 1: different batches and heads
+    runs = cell["runs"]
+    a, b = runs.index(("trm", 0, {})), runs.index(("trm", 0, {"reading": "image"}))
+    assert h[a]["loss"][0] != pytest.approx(h[b]["loss"][0], rel=1e-3)  # the two readings weigh pixels differently
     assert all(x["cell_seconds"] > 0 and x["encoder_cached"] and x["precision"] == "fp32" for x in h)
 
 
 def test_refresh_uses_each_runs_own_model(cell):
-    runs = [("trm", 0, {"refresh_every": 5}), ("trs_map", 1, {"refresh_every": 5}), ("vanilla", 0)]
+    runs = [("trm", 0, {"refresh_every": 5}), ("trs_map", 1, {"refresh_every": 5}), ("vanilla", 0),
+            ("trm", 1, {"refresh_every": 5, "reading": "image"})]
     hist = finetune_cell(cell["src"], cell["data"], runs, iterations=ITERS, lr=1e-3, batch_size=4,
                          show_progress=False)
-    for (method, seed, *_), got in zip(runs, hist):
-        _, ref = _reference(cell, method, seed, refresh_every=5 if method != "vanilla" else None)
+    for (method, seed, *opts), got in zip(runs, hist):
+        _, ref = _reference(cell, method, seed, **(opts[0] if opts else {}))
         np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-4)
         assert len(got["refresh_seconds"]) == len(ref["refresh_seconds"])
     assert len(hist[0]["refresh_seconds"]) == 3 and not hist[2]["refresh_seconds"]  # at 5, 10, 15
+    assert len(hist[3]["refresh_seconds"]) == 3
 
 
 def test_recomputing_the_encoder_past_the_budget_gives_the_same_results(cell):

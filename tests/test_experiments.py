@@ -135,3 +135,15 @@ def test_notebook_header_prints_the_per_dataset_budget(capsys, tmp_path):
     assert "fine-tuning iterations: iseg2019 11, fets2021 7 |" in line
     setup(output_dir=tmp_path / "out", preset="smoke", need_data=False, iterations=5)
     assert "fine-tuning iterations: 5 |" in capsys.readouterr().out
+
+
+def test_parse_method_variants():
+    assert E.parse_method("trm") == ("trm", {})
+    assert E.parse_method("trm@map=image") == ("trm", {"reading": "image"})
+    assert E.parse_method("exp_only@map=dataset,base=2") == ("exp_only", {"reading": "dataset", "base": 2.0})
+    assert E.parse_method("trm@refresh=50") == ("trm", {"refresh_every": 50})
+    for label, match in [("trm@map=slice", "map must be one of"), ("trm@patch=2", "options are map="),
+                         ("vanilla@map=image", "uses no transferability map"), ("trs_map@map=image", "exp\\(-T\\)"),
+                         ("trm@base=ten", "base must be a number"), ("nope", "unknown method")]:
+        with pytest.raises(ValueError, match=match):
+            E.parse_method(label)

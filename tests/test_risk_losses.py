@@ -87,18 +87,21 @@ def test_class_weights_inverse_frequency_matches_pytorch():
 def test_method_registry_matches_design_table():
     logits, labels, ce = small_batch()
     h = torch.tensor([[[0.0, 1.0]]])
+    t = torch.tensor([[[-0.1, -0.6]]])  # a transferability map: [22]'s weight is exp(-T)
     expect = {
         "vanilla": sum(ce) / 2,
-        "trs_map": (1 * ce[0] + 2 * ce[1]) / 2,
+        "trs_map": (math.exp(0.1) * ce[0] + math.exp(0.6) * ce[1]) / 2,
         "trm": (1 * ce[0] + 10 * ce[1]) / 1,
         "fg_only": sum(ce) / 1,
         "exp_only": (1 * ce[0] + 10 * ce[1]) / 2,
     }
     assert set(METHODS) == set(expect) | {"class_weight"}
     for name, value in expect.items():
-        assert method_loss(name, logits, labels, hardness=h).item() == pytest.approx(value), name
+        assert method_loss(name, logits, labels, hardness=h, tmap=t).item() == pytest.approx(value), name
     with pytest.raises(ValueError, match="needs the hardness"):
         method_loss("trm", logits, labels)
+    with pytest.raises(ValueError, match="needs the transferability map T"):
+        method_loss("trs_map", logits, labels, hardness=h)
     with pytest.raises(ValueError, match="unknown method"):
         method_loss("focal", logits, labels)
 
@@ -115,3 +118,15 @@ def test_dice_convention():
     assert math.isnan(mean_foreground_dice(torch.zeros(4), torch.zeros(4), 2))
     with pytest.raises(ValueError, match="outside"):
         dice_per_class(torch.tensor([5]), torch.tensor([0]), 2)
+
+
+def test_trs_map_is_defined_on_the_dataset_reading_only():
+    from trm_utils.losses import check_method_reading
+
+    check_method_reading("trs_map", "dataset")
+    check_method_reading("trm", "image")
+    check_method_reading("vanilla", "image")
+    with pytest.raises(ValueError, match="exp\\(-T\\) of the dataset-level map"):
+        check_method_reading("trs_map", "image")
+    with pytest.raises(ValueError, match="unknown map reading"):
+        check_method_reading("trm", "pixel")

@@ -112,10 +112,20 @@ def test_refresh_and_eval_history(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_risk_shape_mismatch_refused():
+def test_maps_of_other_slices_or_reading_refused():
+    from trm_utils.maps import LossMaps
+
     data = toy_data()
-    with pytest.raises(ValueError, match="risk maps have shape"):
-        finetune(small_unet(), data, "trm", risk=torch.zeros(3, 16, 16), iterations=1, show_progress=False)
+    wrong = LossMaps("image", torch.zeros(3, 16, 16), torch.zeros(3, 16, 16), n=3)
+    with pytest.raises(ValueError, match="image maps have shape"):
+        finetune(small_unet(), data, "trm", maps=wrong, reading="image", iterations=1, show_progress=False)
+    with pytest.raises(ValueError, match="reading given for a run that reads 'dataset'"):
+        finetune(small_unet(), data, "trm", maps=wrong, iterations=1, show_progress=False)
+    small = LossMaps("dataset", torch.zeros(8, 8), torch.zeros(8, 8), n=12)
+    with pytest.raises(ValueError, match="dataset maps have shape"):
+        finetune(small_unet(), data, "trm", maps=small, iterations=1, show_progress=False)
+    with pytest.raises(ValueError, match="exp\\(-T\\)"):
+        finetune(small_unet(), data, "trs_map", reading="image", iterations=1, show_progress=False)
 
 
 def test_evaluate_per_subject():

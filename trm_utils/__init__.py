@@ -1,7 +1,7 @@
 """trm_utils: shared code of the Transfer Risk Map tutorial.
 
-LEEP and pixel-LEEP (eqs. 2-3), transferability maps (eq. 4), hardness and transfer risk maps
-(eqs. 5-6), the risk-map-weighted loss and its baselines (eq. 7), the 2D U-Net with a frozen
+LEEP and pixel-LEEP (eqs. 2-3), transferability maps (eq. 4; the dataset-level map, the default,
+and the per-image variant), hardness and transfer risk maps (eqs. 5-6), the risk-map-weighted loss and its baselines (eq. 7), the 2D U-Net with a frozen
 encoder, Dice, and the fine-tuning protocol. Notebooks import from here; tests cover it.
 """
 import torch as _torch
@@ -10,7 +10,9 @@ import torch as _torch
 # 3-10x slower; flushing them to zero changes nothing measurable and keeps runs fast.
 _torch.set_flush_denormal(True)
 
-from .leep import PixelLEEP, leep, pixel_leep, transferability_map
+from .leep import PixelLEEP, leep, pixel_leep
+from .maps import (READINGS, PatchLEEP, dataset_transferability_map, transferability_map, transferability_maps,
+                   variance_explained)
 from .losses import METHODS, class_weights, get_method, method_loss, weighted_cross_entropy
 from .metrics import dice_per_class, mean_foreground_dice
 from .risk import hardness, risk_from_hardness, risk_map
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PixelLEEP", "leep", "pixel_leep", "transferability_map",
+    "READINGS", "PatchLEEP", "dataset_transferability_map", "transferability_maps", "variance_explained",
     "METHODS", "class_weights", "get_method", "method_loss", "weighted_cross_entropy",
     "dice_per_class", "mean_foreground_dice",
     "hardness", "risk_from_hardness", "risk_map",

@@ -18,11 +18,14 @@ import pandas as pd
 import torch
 
 from . import data as D
-from .train import evaluate, finetune, finetune_cell, train_source, transferability
+from .maps import transferability_maps
+from .train import evaluate, finetune, finetune_cell, train_source
 from .unet import UNet2D
 from .utils import REPO_ROOT, atomic_torch_save, atomic_write_text, cache_root, get_device, resolve_path, seed_everything
 
 CORE_METHODS = ("vanilla", "class_weight", "trs_map", "trm")
+#: TRM under the other reading of eq. 4 (a map per image); ``trm`` itself reads the dataset-level map.
+IMAGE_READING = "trm@map=image"
 ABLATIONS = ("fg_only", "exp_only")
 
 #: What each preset means. ``paper`` is the paper's protocol; ``tutorial`` is what 2 CPU cores
@@ -60,6 +63,9 @@ PRESETS = {
         # 25 or 100 slices overfit); at 400 iterations with the Dice every 25, 8 of 12 passed (the
         # failures are whole subsets: one seed's 25 slices peak and fall, another's 100 still rise).
         "fewshot": {"iterations": 400, "eval_every": 25},
+        # The dataset-level transferability map's patch (eq. 4, maps.py): one entry per pixel coordinate
+        # at 64 px (64 x 64 entries).
+        "map_patch": 1,
     },
     # a seconds-long run of every code path, for the tests (not for results)
     "smoke": {
@@ -74,6 +80,7 @@ PRESETS = {
         "lr": 1e-3,
         "lr_decay": 0.5,
         "eval_every": 3,
+        "map_patch": 1,
     },
     "paper": {
         "phantom_preset": "paper",
@@ -86,6 +93,9 @@ PRESETS = {
         "iterations": 5000,
         "lr": 1e-4,
         "eval_every": 500,
+        # 4 x 4 patches as [22]'s released code: 48 x 48 (192 px) or 60 x 60 (240 px) entries, about the
+        # tutorial map's 64 x 64
+        "map_patch": 4,
     },
 }
 
@@ -108,25 +118,36 @@ TUTORIAL_GRID = {
 def parse_method(label: str) -> tuple:
     """A grid's method label -> ``(method, options)`` for ``finetune`` / ``finetune_cell``.
 
-    A plain name (``trm``) is the method with its defaults; ``name@key=value[,key=value]`` is a
-    variant for the ablations: ``base`` (the exponential's base, eq. 6; the paper's 10) and
-    ``refresh`` (recompute the maps every k iterations with the current model), e.g.
-    ``trm@base=2`` or ``trm@refresh=100``.
+    A plain name (``trm``) is the method with its defaults (the dataset-level map of eq. 4);
+    ``name@key=value[,key=value]`` is a variant: ``map`` (the reading of eq. 4: ``dataset``, the
+    default, or ``image``, a map per image), ``base`` (the exponential's base, eq. 6; the paper's
+    10) and ``refresh`` (recompute the maps every k iterations with the current model), e.g.
+    ``trm@map=image``, ``trm@base=2`` or ``trm@refresh=100``.
     """
-    from .losses import get_method
+    from .losses import check_method_reading, get_method
+    from .maps import READINGS
 
     name, _, rest = str(label).partition("@")
-    get_method(name)  # a clear error naming the valid methods
+    method = get_method(name)  # a clear error naming the valid methods
     opts = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        if key not in ("base", "refresh") or not eq:
-            raise ValueError(f"method variant {label!r}: options are base=<number> and refresh=<iterations>, "
-                             f"e.g. 'trm@base=2' or 'trm@refresh=100'")
+        if key not in ("base", "refresh", "map") or not eq:
+            raise ValueError(f"method variant {label!r}: options are map=dataset|image, base=<number> and "
+                             f"refresh=<iterations>, e.g. 'trm@map=image', 'trm@base=2' or 'trm@refresh=100'")
+        if key == "map":
+            if value not in READINGS:
+                raise ValueError(f"method variant {label!r}: map must be one of {', '.join(READINGS)}, got {value!r}")
+            opts["reading"] = value
+            continue
         try:
             opts["base" if key == "base" else "refresh_every"] = float(value) if key == "base" else int(value)
         except ValueError:
             raise ValueError(f"method variant {label!r}: {key} must be a number, got {value!r}") from None
+    if opts and not method.needs_map:
+        raise ValueError(f"method variant {label!r}: {name!r} uses no transferability map, so map=, base= and "
+                         f"refresh= do not apply to it")
+    check_method_reading(name, opts.get("reading", "dataset"))
     return name, opts
 
 
@@ -266,10 +287,13 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
 
     One row per run: dataset, source, target, method, seed, subset_seed, dice (mean foreground
     Dice on the target's held-out test subjects), dice_per_class, pixel_leep (the source's score
-    on the target training set), curve (held-out Dice every ``eval_every`` iterations, recorded
+    on the target training set, eq. 3), map_leep (the same pixels scored with each patch's own
+    P(y|z): the dataset-level map's global score), curve (held-out Dice every ``eval_every`` iterations, recorded
     for analysis only), seconds (the cell's time shared out over its runs). Written to
-    ``out_csv`` after every cell, atomically. ``methods`` may hold variants for the ablations
-    (``parse_method``: ``trm@base=2``, ``trm@refresh=100``); the row keeps the label.
+    ``out_csv`` after every cell, atomically. ``methods`` may hold variants (``parse_method``:
+    ``trm@map=image``, ``trm@base=2``, ``trm@refresh=100``); the row keeps the label. The maps of
+    every reading the methods use are computed once per cell (``maps.transferability_maps``, the
+    preset's ``map_patch``).
     """
     if engine not in ("batched", "per_run"):
         raise ValueError(f"engine must be 'batched' or 'per_run', got {engine!r}")
@@ -281,6 +305,10 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     device = get_device(device)
     methods, seeds = list(methods), [int(s) for s in seeds]
     parsed = {m: parse_method(m) for m in methods}  # fails before any training on a misspelt method
+    from .losses import get_method
+
+    readings = tuple(dict.fromkeys(o.get("reading", "dataset") for n, o in parsed.values() if get_method(n).needs_map))
+    patch = int(cfg.get("map_patch", 1))
     rows = []
     for target in targets:
         test = load_task(name, root, target, "test", cfg)
@@ -294,17 +322,18 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
             before = evaluate(src, test, device=device)["dice"]
             for subset_seed, group_seeds in groups:
                 train = trains[subset_seed]
-                tr = transferability(src, train, device=device)
+                tr = transferability_maps(src, train, readings or ("dataset",), patch, device=device)
                 labels = [(m, s) for m in methods for s in group_seeds]
                 runs = [(parsed[m][0], s, parsed[m][1]) for m, s in labels]
-                hists = _train_runs(src, train, test, runs, tr["hardness"], cfg, device, show_progress, engine)
+                hists = _train_runs(src, train, test, runs, tr, cfg, device, show_progress, engine)
                 for (method, seed), hist in zip(labels, hists):
                     final = hist["eval"][-1]
                     rows.append({
                         "dataset": name, "source": source, "target": target, "method": method, "seed": seed,
                         "subset_seed": subset_seed, "dice": final["dice"],
                         "dice_per_class": json.dumps(final["dice_per_class"]),
-                        "dice_before": before, "pixel_leep": tr["score"], "n_train_slices": len(train),
+                        "dice_before": before, "pixel_leep": tr["score"], "map_leep": tr["dataset"]["score"],
+                        "n_train_slices": len(train),
                         "iterations": cfg["iterations"], "final_loss": hist["loss"][-1] if hist["loss"] else float("nan"),
                         "curve": json.dumps([[e["iteration"], e["dice"]] for e in hist["eval"]]),
                         "seconds": hist["seconds"], "engine": engine,
@@ -318,17 +347,17 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     return pd.DataFrame(rows)
 
 
-def _train_runs(src, train, test, runs, hardness, cfg, device, show_progress, engine) -> list:
+def _train_runs(src, train, test, runs, maps, cfg, device, show_progress, engine) -> list:
     """One history per (method, seed) run of a cell, each ending with its held-out Dice."""
     kw = dict(iterations=cfg["iterations"], lr=cfg["lr"], batch_size=cfg["batch_size"], eval_data=test,
               eval_every=cfg["eval_every"] or cfg["iterations"], device=device, show_progress=show_progress,
-              lr_decay=cfg.get("lr_decay"))
+              lr_decay=cfg.get("lr_decay"), patch=int(cfg.get("map_patch", 1)))
     if engine == "batched":
-        return finetune_cell(src, train, runs, risk=hardness, precision=cfg.get("precision", "fp32"), **kw)
+        return finetune_cell(src, train, runs, maps=maps, precision=cfg.get("precision", "fp32"), **kw)
     hists = []
     for method, seed, opts in runs:
         t0 = time.perf_counter()
-        h = finetune(copy.deepcopy(src), train, method, risk=hardness, seed=seed, **opts, **kw)
+        h = finetune(copy.deepcopy(src), train, method, maps=maps, seed=seed, **opts, **kw)
         h["seconds"] = time.perf_counter() - t0
         hists.append(h)
     return hists
@@ -410,7 +439,8 @@ def summarize(df: pd.DataFrame, baseline: str = "vanilla") -> pd.DataFrame:
         out["gain_pct"] = 100 * (out.dice_mean - base) / base
         b = cell.loc[baseline]
         out["cells_won"] = [int((cell.loc[m].reindex(b.index) > b).sum()) for m in out.index]
-    order = [m for m in (*CORE_METHODS, *ABLATIONS) if m in out.index] + [m for m in out.index if m not in CORE_METHODS + ABLATIONS]
+    known = (*CORE_METHODS, IMAGE_READING, *ABLATIONS)
+    order = [m for m in known if m in out.index] + [m for m in out.index if m not in known]
     return out.loc[order]
 
 

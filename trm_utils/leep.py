@@ -1,4 +1,4 @@
-"""LEEP (eq. 2), pixel-level LEEP (eq. 3) and per-pixel transferability maps (eq. 4).
+"""LEEP (eq. 2) and pixel-level LEEP (eq. 3): the scores. The maps (eq. 4, both readings) are in ``maps``.
 
 Notation (DESIGN.md section 2): a source model with softmax output theta(x) over the C_s
 source labels z; target labels y in {0..C_t-1}.
@@ -10,7 +10,8 @@ source labels z; target labels y in {0..C_t-1}.
 Pixel-LEEP treats every pixel of every target image as one instance. Because the score needs
 P(y|z) estimated over the *whole* target set before any pixel can be scored, a streaming
 estimator makes two passes: ``update`` (pass 1) accumulates the joint, ``score_update``
-(pass 2) accumulates the log-likelihood and returns the batch's transferability maps. Its
+(pass 2) accumulates the log-likelihood and returns the batch's per-pixel terms (the per-image
+transferability maps of ``maps``). Its
 state is a C_t x C_s matrix and two scalars, whatever the number of batches.
 """
 from __future__ import annotations
@@ -140,27 +141,9 @@ def _check_pixel_inputs(probs, labels, mask, num_source_classes=None, num_target
     return probs, labels, mask
 
 
-def transferability_map(probs, labels, conditional) -> torch.Tensor:
-    """Per-pixel transferability, eq. (4): T_i(p) = log sum_z P(y_{i,p} | z) theta(x_i)_{p,z}.
-
-    Args:
-        probs: B x C_s x H x W source probabilities.
-        labels: B x H x W target labels.
-        conditional: C_t x C_s matrix P(y|z), estimated over the whole target training set
-            (``PixelLEEP.conditional()``).
-
-    Returns:
-        B x H x W tensor in [log(1e-12), 0]; higher = easier to transfer.
-    """
-    conditional = _to_tensor(conditional, "conditional")
-    if conditional.ndim != 2:
-        raise ValueError(f"conditional must be C_t x C_s, got shape {tuple(conditional.shape)}")
-    probs, labels, _ = _check_pixel_inputs(probs, labels, None, conditional.shape[1], conditional.shape[0])
-    return _tmap(probs, labels, conditional)
-
-
 def _tmap(probs: torch.Tensor, labels: torch.Tensor, conditional: torch.Tensor) -> torch.Tensor:
-    """Eq. (4) on already-checked inputs."""
+    """The per-pixel terms of eq. (3) on already-checked inputs: log sum_z P(y_p|z) theta_{p,z} with one
+    P(y|z) for the whole set (the per-image reading of eq. 4, ``maps.transferability_map``)."""
     cond = conditional.to(device=probs.device, dtype=probs.dtype)
     # expected empirical predictor for every target class, then pick each pixel's label
     eep = torch.einsum("yz,bzhw->byhw", cond, probs)
@@ -261,3 +244,12 @@ def pixel_leep(probs, labels, mask=None, num_target_classes: Optional[int] = Non
     est.update(probs_t, labels_t, mask)
     est.score_update(probs_t, labels_t, mask)
     return est.score()
+
+
+def __getattr__(name):
+    # ``transferability_map`` moved to ``maps`` with the other map computations; still importable from here
+    if name == "transferability_map":
+        from .maps import transferability_map
+
+        return transferability_map
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,14 @@
 """Risk-map-weighted cross-entropy (eq. 7) and its baselines as one mechanism.
 
-Every method is a pixel weight w and a normaliser (DESIGN.md section 2):
+Every method is a pixel weight w and a normaliser (DESIGN.md section 2). T is a transferability
+map (eq. 4), H its hardness (eq. 5); both come from ``maps`` in either reading (the dataset-level
+map by default, ``@map=image`` for the per-image variant):
 
 | method        | pixel weight w                  | normaliser                    |
 |---------------|---------------------------------|-------------------------------|
 | vanilla       | 1                               | all pixels (mean)             |
 | class_weight  | inverse class frequency [29]    | sum of weights (PyTorch mean) |
-| trs_map       | 1 + H (linear; our reading of [22]) | all pixels                |
+| trs_map       | exp(-T), dataset-level map [22] | all pixels                    |
 | trm (ours)    | base ** H  (eq. 6)              | foreground pixels (eq. 7)     |
 | fg_only       | 1                               | foreground pixels (ablation)  |
 | exp_only      | base ** H                       | all pixels (ablation)         |
@@ -14,6 +16,14 @@ Every method is a pixel weight w and a normaliser (DESIGN.md section 2):
 Eq. (7):  L = sum_i sum_p R_i(p) CE(f(x_i)_p, y_{i,p}) / #{(i,p): y_{i,p} != 0}.
 A batch with no foreground is normalised by its pixel count instead (finite, same scale as
 the mean).
+
+``trs_map`` is reference [22]'s map used as its code uses it: ``compute_pixel_transferability(...,
+is_weight_map=True)`` in ``tanyang1231/SegmentationTransferability`` returns exp(-LEEP) of each
+patch, with no normalisation. [22]'s repository has no fine-tuning or loss code, so the loss form
+(the weight times the per-pixel cross-entropy, averaged over all pixels) is our reading. On a
+dataset-level map T lies in [-log C_t, 0] (each entry is a LEEP, bounded below by minus the
+label entropy), so the weight lies in [1, C_t]; a per-image map reaches log(1e-12), where
+exp(-T) would be 1e12, so ``trs_map`` is defined on the dataset reading only.
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .risk import risk_from_hardness
+from .maps import risk_from_hardness
 
 NORMALIZERS = ("pixels", "foreground", "weights")
 
@@ -89,13 +99,17 @@ class LossMethod:
     """One row of the method table: how the pixel weight is formed, and the normaliser."""
 
     name: str
-    weight: str  # "none" | "class" | "linear" | "exp"
+    weight: str  # "none" | "class" | "exp_neg_t" (exp(-T)) | "exp" (base ** H)
     normalize: str
     description: str
 
     @property
-    def needs_hardness(self) -> bool:
-        return self.weight in ("linear", "exp")
+    def needs_map(self) -> bool:
+        """Whether the weight is formed from a transferability map (eq. 4)."""
+        return self.weight in ("exp_neg_t", "exp")
+
+    #: the name the kit used before the maps held T as well as H
+    needs_hardness = needs_map
 
 
 METHODS = {
@@ -103,7 +117,7 @@ METHODS = {
     for m in (
         LossMethod("vanilla", "none", "pixels", "plain cross-entropy, mean over pixels"),
         LossMethod("class_weight", "class", "weights", "inverse class frequency weights [29]"),
-        LossMethod("trs_map", "linear", "pixels", "transferability-map weight 1 + H (our reading of [22])"),
+        LossMethod("trs_map", "exp_neg_t", "pixels", "transferability-map weight exp(-T), dataset-level map ([22]'s code)"),
         LossMethod("trm", "exp", "foreground", "transfer risk map base**H, foreground-normalised (ours, eq. 7)"),
         LossMethod("fg_only", "none", "foreground", "ablation: foreground normalisation alone"),
         LossMethod("exp_only", "exp", "pixels", "ablation: risk map weight alone, mean over pixels"),
@@ -117,6 +131,17 @@ def get_method(method: str) -> LossMethod:
     return METHODS[method]
 
 
+def check_method_reading(method: str, reading: str) -> None:
+    """Refuse a reading a method cannot use: ``trs_map``'s exp(-T) is defined on the dataset-level
+    map only (module docstring); methods without a map accept either (it is not used)."""
+    from .maps import check_reading
+
+    check_reading(reading)
+    if get_method(method).weight == "exp_neg_t" and reading != "dataset":
+        raise ValueError(f"method {method!r} weighs pixels by exp(-T) of the dataset-level map ([22]); a per-image "
+                         f"map reaches T = log(1e-12), a weight of 1e12. Use {method!r} without map=image")
+
+
 def method_loss(
     method: str,
     logits: torch.Tensor,
@@ -124,11 +149,12 @@ def method_loss(
     hardness: Optional[torch.Tensor] = None,
     class_weight: Optional[torch.Tensor] = None,
     base: float = 10.0,
+    tmap: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The loss of ``method`` (a name in ``METHODS``) on one batch.
 
-    ``hardness`` (B x H x W, eq. 5) is needed by ``trs_map``, ``trm`` and ``exp_only``;
-    ``class_weight`` (C) by ``class_weight``.
+    ``hardness`` (B x H x W, eq. 5) is needed by ``trm`` and ``exp_only``; ``tmap`` (B x H x W,
+    the transferability map itself, eq. 4) by ``trs_map``; ``class_weight`` (C) by ``class_weight``.
     """
     m = get_method(method)
     weight = None
@@ -136,8 +162,12 @@ def method_loss(
         if class_weight is None:
             raise ValueError("method 'class_weight' needs class_weight (see class_weights(label_counts))")
         weight = class_weight.to(logits.device, logits.dtype)[labels.long()]
-    elif m.needs_hardness:
+    elif m.weight == "exp_neg_t":
+        if tmap is None:
+            raise ValueError(f"method {method!r} needs the transferability map T (eq. 4) of the batch")
+        weight = torch.exp(-tmap)
+    elif m.weight == "exp":
         if hardness is None:
             raise ValueError(f"method {method!r} needs the hardness maps H (eq. 5) of the batch")
-        weight = 1.0 + hardness if m.weight == "linear" else risk_from_hardness(hardness, base)
+        weight = risk_from_hardness(hardness, base)
     return weighted_cross_entropy(logits, labels, weight, m.normalize)

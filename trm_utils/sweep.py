@@ -58,7 +58,7 @@ FEWSHOT_SIZES = {"paper": [400, 100, 50], "tutorial": [100, 25, 12], "smoke": [8
 ABLATION_METHODS = ("vanilla", "trm", "fg_only", "exp_only", "trm@refresh={refresh}", "trm@base=2", "trm@base=100")
 #: The modules whose source decides a unit's numbers (part of its hash). Reports and runners
 #: are not: editing them never invalidates finished units.
-METHOD_MODULES = ("leep", "risk", "losses", "train", "batched", "unet", "slices", "datasets", "metrics")
+METHOD_MODULES = ("leep", "maps", "risk", "losses", "train", "batched", "unet", "slices", "datasets", "metrics")
 UNIT_NOTEBOOK = REPO_ROOT / "notebooks" / "06_transfer_cell.ipynb"
 
 

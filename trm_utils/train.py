@@ -3,9 +3,10 @@
 Protocol: pre-train a 2D U-Net on the source task; fine-tune it on the target task with Adam
 (lr 1e-4, 5k iterations in the paper), the encoder frozen (weights and BatchNorm statistics),
 decoder and head trained. The head is kept when the source and target class counts match and
-re-initialised otherwise. The hardness / risk maps are computed with the source model on the
-target training set before fine-tuning (static); ``refresh_every=k`` recomputes them every k
-iterations with the current model.
+re-initialised otherwise. The transferability maps (``maps``: the dataset-level map by default,
+a map per image with ``reading="image"``) are computed with the source model on the target
+training set before fine-tuning (static); ``refresh_every=k`` recomputes them every k iterations
+with the current model.
 
 ``data`` everywhere is either a ``(images, labels)`` pair of tensors (N x 1 x H x W float,
 N x H x W int) or a torch Dataset of such pairs; it is stacked once into memory so the loop
@@ -20,10 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .leep import PixelLEEP
-from .losses import class_weights, get_method, method_loss
+from .losses import check_method_reading, class_weights, get_method, method_loss
+from .maps import LossMaps, loss_maps, transferability, transferability_maps  # noqa: F401 (transferability: kept importable here)
 from .metrics import dice_counts, dice_from_counts
-from .risk import hardness as hardness_fn
 from .unet import UNet2D, freeze_encoder, reset_head
 from .utils import atomic_torch_save, get_device, seed_everything
 
@@ -109,31 +109,6 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 
 
 @torch.no_grad()
-def transferability(model, data, num_target_classes: Optional[int] = None, batch_size: int = 32, device="auto", mask=None):
-    """Pixel-LEEP of ``model`` (as the source) on the target ``data`` and its maps.
-
-    Two streamed passes (eq. 3 needs P(y|z) over the whole set first). ``mask`` (N x H x W
-    bool, optional) restricts the pixels that count towards P(y|z) and the score.
-
-    Returns:
-        dict with ``score`` (float, eq. 3), ``tmap`` (N x H x W, eq. 4, on the CPU),
-        ``hardness`` (N x H x W, eq. 5) and ``conditional`` (C_t x C_s).
-    """
-    device = get_device(device)
-    images, labels = stack_data(data)
-    c_t = _num_classes(data, labels, num_target_classes)
-    model = model.to(device)
-    est = None
-    for sl, probs in predict_probs(model, images, batch_size, device):
-        est = est or PixelLEEP(probs.shape[1], c_t)
-        est.update(probs, labels[sl].to(device), None if mask is None else mask[sl].to(device))
-    tmaps = torch.empty(labels.shape, dtype=torch.float32)
-    for sl, probs in predict_probs(model, images, batch_size, device):
-        tmaps[sl] = est.score_update(probs, labels[sl].to(device), None if mask is None else mask[sl].to(device)).cpu()
-    return {"score": est.score(), "tmap": tmaps, "hardness": hardness_fn(tmaps), "conditional": est.conditional().cpu()}
-
-
-@torch.no_grad()
 def evaluate(model, data, num_classes: Optional[int] = None, batch_size: int = 32, device="auto") -> dict:
     """Dice per foreground class on ``data``, averaged over subjects, then over classes.
 
@@ -195,15 +170,33 @@ def train_source(
                 eval_data=eval_data, eval_every=eval_every, lr_decay=lr_decay)
 
 
+def _prepare_maps(maps, model, images, labels, c_t, reading, patch, device) -> LossMaps:
+    """``maps`` as a ``LossMaps`` of ``reading`` on the device: given (a ``LossMaps`` or
+    ``maps.transferability_maps``'s result) or, when None, computed with ``model`` as the source."""
+    if maps is None:
+        maps = transferability_maps(model, (images, labels), (reading,), patch, c_t, device=device)
+    if not isinstance(maps, LossMaps):
+        maps = loss_maps(maps, reading)
+    if maps.reading != reading:
+        raise ValueError(f"maps of the {maps.reading!r} reading given for a run that reads {reading!r}")
+    want = tuple(labels.shape[1:]) if reading == "dataset" else tuple(labels.shape)
+    if tuple(maps.tmap.shape) != want:
+        raise ValueError(f"{reading} maps have shape {tuple(maps.tmap.shape)} but the training labels "
+                         f"{tuple(labels.shape)}; compute them on the same slices")
+    return maps.to(device)
+
+
 def finetune(
     model: UNet2D,
     data,
     method: str,
-    risk: Optional[torch.Tensor] = None,
+    maps=None,
     iterations: int = 5000,
     lr: float = 1e-4,
     batch_size: int = 8,
     *,
+    reading: str = "dataset",
+    patch: int = 1,
     num_classes: Optional[int] = None,
     base: float = 10.0,
     refresh_every: Optional[int] = None,
@@ -222,10 +215,13 @@ def finetune(
     Args:
         method: a name in ``losses.METHODS`` (vanilla, class_weight, trs_map, trm, fg_only,
             exp_only).
-        risk: the hardness maps H (eq. 5) of the training slices, N x H x W, aligned with
-            ``data``. Each method forms its pixel weight from it (trm: base**H, the risk map of
-            eq. 6; trs_map: 1 + H). When None and the method needs it, it is computed here
-            with ``model`` as the source, before fine-tuning.
+        maps: the source's transferability maps on ``data`` (``maps.transferability_maps``'s
+            result, or a ``maps.LossMaps``). Each method forms its pixel weight from them (trm:
+            base**H, the risk map of eq. 6; trs_map: exp(-T), [22]). When None and the method needs
+            them, they are computed here with ``model`` as the source, before fine-tuning.
+        reading: which reading of eq. 4 the method uses: ``"dataset"`` (one map per source-target
+            pair, the default) or ``"image"`` (a map per image; not for trs_map).
+        patch: the dataset-level map's patch size (the preset's ``map_patch``).
         refresh_every: recompute the maps every k iterations with the current model (off by
             default; the paper's maps are static).
         eval_data, eval_every: held-out Dice every k iterations, recorded for analysis only
@@ -240,29 +236,24 @@ def finetune(
     images, labels = stack_data(data)
     c_t = _num_classes(data, labels, num_classes)
     m = get_method(method)
+    check_method_reading(method, reading)
     device_t = get_device(device)
     model.to(device_t)
-    if m.needs_hardness and risk is None:
-        risk = transferability(model, (images, labels), c_t, device=device_t)["hardness"]
-    if risk is not None:
-        risk = torch.as_tensor(risk, dtype=torch.float32)
-        if risk.shape != labels.shape:
-            raise ValueError(f"risk maps have shape {tuple(risk.shape)} but the training labels {tuple(labels.shape)}; "
-                             "compute them on the same slices")
+    lmaps = _prepare_maps(maps, model, images, labels, c_t, reading, patch, device_t) if m.needs_map else None
     seed_everything(seed)  # the head re-initialisation is seeded too
     if model.num_classes != c_t:
         reset_head(model, c_t)
     freeze_encoder(model)
     cw = class_weights(torch.bincount(labels.reshape(-1), minlength=c_t)) if m.weight == "class" else None
     return _fit(model, (images, labels), method, iterations, lr, batch_size, device=device_t, seed=seed,
-                show_progress=show_progress, checkpoint_path=checkpoint_path, desc=method, hardness=risk,
+                show_progress=show_progress, checkpoint_path=checkpoint_path, desc=method, maps=lmaps,
                 class_weight=cw, base=base, refresh_every=refresh_every, eval_data=eval_data,
-                eval_every=eval_every, num_classes=c_t, lr_decay=lr_decay)
+                eval_every=eval_every, num_classes=c_t, lr_decay=lr_decay, patch=patch)
 
 
 def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_progress, checkpoint_path, desc,
-         hardness=None, class_weight=None, base=10.0, refresh_every=None, eval_data=None, eval_every=None,
-         num_classes=None, lr_decay=None) -> dict:
+         maps=None, class_weight=None, base=10.0, refresh_every=None, eval_data=None, eval_every=None,
+         num_classes=None, lr_decay=None, patch=1) -> dict:
     if int(iterations) < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if lr <= 0 or batch_size < 1:
@@ -281,17 +272,18 @@ def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_
     for it in _progress(range(1, int(iterations) + 1), show_progress, desc):
         idx = batches.next()
         x, y = images[idx].to(device), labels[idx].to(device)
-        h = hardness[idx].to(device) if hardness is not None else None
-        loss = method_loss(method, model(x), y, hardness=h, class_weight=class_weight, base=base)
+        t, h = maps.batch(idx) if maps is not None else (None, None)
+        loss = method_loss(method, model(x), y, hardness=h, class_weight=class_weight, base=base, tmap=t)
         for g in opt.param_groups:
             g["lr"] = lr_at(it, int(iterations), lr, lr_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         history["loss"].append(float(loss.detach()))
-        if refresh_every and hardness is not None and it % int(refresh_every) == 0 and it < iterations:
+        if refresh_every and maps is not None and it % int(refresh_every) == 0 and it < iterations:
             tr = time.perf_counter()
-            hardness = transferability(model, (images, labels), num_classes, device=device)["hardness"]
+            maps = loss_maps(transferability_maps(model, (images, labels), (maps.reading,), patch, num_classes,
+                                                  device=device), maps.reading).to(device)
             model.train()
             history["refresh_seconds"].append(time.perf_counter() - tr)
         if eval_data is not None and eval_every and (it % int(eval_every) == 0 or it == iterations):
@@ -315,17 +307,19 @@ CACHE_BUDGET_MB = 2048
 
 def _run_spec(run) -> dict:
     """A run of ``finetune_cell``: ``(method, seed)``, ``(method, seed, {options})`` or a dict
-    with ``method``, ``seed`` and optionally ``base`` and ``refresh_every``."""
+    with ``method``, ``seed`` and optionally ``base``, ``refresh_every`` and ``reading``."""
     if isinstance(run, dict):
         spec = dict(run)
     elif isinstance(run, (tuple, list)) and len(run) in (2, 3):
         spec = {"method": run[0], "seed": run[1], **(run[2] if len(run) == 3 else {})}
     else:
         raise ValueError(f"a run is (method, seed), (method, seed, options) or a dict, got {run!r}")
-    unknown = set(spec) - {"method", "seed", "base", "refresh_every"}
+    unknown = set(spec) - {"method", "seed", "base", "refresh_every", "reading"}
     if unknown:
-        raise ValueError(f"unknown run options {sorted(unknown)}; a run takes method, seed, base, refresh_every")
+        raise ValueError(f"unknown run options {sorted(unknown)}; a run takes method, seed, base, refresh_every, reading")
     get_method(spec["method"])
+    spec["reading"] = spec.get("reading") or "dataset"
+    check_method_reading(spec["method"], spec["reading"])
     if not isinstance(spec.get("seed"), (int, np.integer)) or spec["seed"] < 0:
         raise ValueError(f"run {spec}: seed must be a non-negative integer")
     spec["seed"] = int(spec["seed"])
@@ -358,11 +352,12 @@ def finetune_cell(
     model: UNet2D,
     data,
     runs,
-    risk: Optional[torch.Tensor] = None,
+    maps=None,
     iterations: int = 5000,
     lr: float = 1e-4,
     batch_size: int = 8,
     *,
+    patch: int = 1,
     num_classes: Optional[int] = None,
     eval_data=None,
     eval_every: Optional[int] = None,
@@ -376,7 +371,7 @@ def finetune_cell(
 ):
     """Fine-tune every run of one transfer cell (one source ``model``, one target ``data``) at once.
 
-    Gives each run what ``finetune(copy.deepcopy(model), data, method, risk, ..., seed=seed)``
+    Gives each run what ``finetune(copy.deepcopy(model), data, method, maps, ..., seed=seed)``
     gives it: the same head initialisation, batch sequence, loss (eq. 7 for ``trm``), Adam
     state and BatchNorm statistics (tested to float tolerance in float32), but computed
     together: the frozen encoder's outputs on the slices are computed once
@@ -386,11 +381,14 @@ def finetune_cell(
 
     Args:
         model: the source U-Net (left unchanged).
-        runs: a list of ``(method, seed)``, ``(method, seed, {"base": b, "refresh_every": k})``
-            or dicts with those keys. ``refresh_every`` recomputes that run's maps with its own
-            current model every k iterations.
-        risk: the source's hardness maps H (eq. 5) on ``data``, N x H x W; computed here when
-            None and a method needs them.
+        runs: a list of ``(method, seed)``, ``(method, seed, {"base": b, "refresh_every": k,
+            "reading": "image"})`` or dicts with those keys. ``refresh_every`` recomputes that run's
+            maps with its own current model every k iterations; ``reading`` picks the reading of
+            eq. 4 its weight uses (``"dataset"``, the default, or ``"image"``).
+        maps: the source's transferability maps on ``data`` (``maps.transferability_maps``'s
+            result holding every reading the runs use); computed here, in the readings the runs
+            need, when None.
+        patch: the dataset-level map's patch size (the preset's ``map_patch``).
         eval_data, eval_every: held-out Dice of every run every k iterations (and at the end),
             from one shared pass of the encoder; for analysis only, never used to pick a model.
         cache_budget_mb: the memory allowed for the cached encoder outputs of the training and
@@ -426,14 +424,10 @@ def finetune_cell(
     device = get_device(device)
     amp = _autocast_dtype(precision, device)
     model.to(device)
-    if risk is None and any(get_method(s["method"]).needs_hardness for s in specs):
-        risk = transferability(model, (images, labels), c_t, device=device)["hardness"]
-    if risk is not None:
-        risk = torch.as_tensor(risk, dtype=torch.float32)
-        if risk.shape != labels.shape:
-            raise ValueError(f"risk maps have shape {tuple(risk.shape)} but the training labels {tuple(labels.shape)}; "
-                             "compute them on the same slices")
-        risk = risk.to(device)
+    need = tuple(dict.fromkeys(s["reading"] for s in specs if get_method(s["method"]).needs_map))
+    if maps is None and need:
+        maps = transferability_maps(model, (images, labels), need, patch, c_t, device=device)
+    shared = {r: _prepare_maps(maps, model, images, labels, c_t, r, patch, device) for r in need}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     models = []
     for s in specs:  # each run's copy, its head seeded as finetune seeds it
@@ -459,10 +453,11 @@ def finetune_cell(
     opt = torch.optim.Adam(params, lr=lr, foreach=True)  # one multi-tensor step for all runs
     batches = [_Batches(N, batch_size, s["seed"]) for s in specs]
     labels_d = labels.to(device)
-    hard = [risk if get_method(s["method"]).needs_hardness else None for s in specs]
+    lmaps = [shared[s["reading"]] if get_method(s["method"]).needs_map else None for s in specs]
     cw = class_weights(torch.bincount(labels.reshape(-1), minlength=c_t)).to(device) \
         if any(get_method(s["method"]).weight == "class" for s in specs) else None
-    hist = [{"method": s["method"], "seed": s["seed"], "base": s["base"], "loss": [], "eval": [], "refresh_seconds": []}
+    hist = [{"method": s["method"], "seed": s["seed"], "base": s["base"], "reading": s["reading"], "loss": [], "eval": [],
+             "refresh_seconds": []}
             for s in specs]
 
     def forward(m, levels):
@@ -486,7 +481,9 @@ def finetune_cell(
     def refresh(which):  # each run's maps from its own current model, as finetune recomputes them
         for m in which:
             t0 = time.perf_counter()
-            hard[m] = transferability(models[m], (images, labels), c_t, device=device)["hardness"].to(device)
+            r = specs[m]["reading"]
+            lmaps[m] = loss_maps(transferability_maps(models[m], (images, labels), (r,), patch, c_t, device=device),
+                                 r).to(device)
             models[m].train()
             hist[m]["refresh_seconds"].append(time.perf_counter() - t0)
 
@@ -503,9 +500,9 @@ def finetune_cell(
         losses = []
         for m, s in enumerate(specs):  # each run its own batch sequence, loss and weights
             idx = batches[m].next().to(device)
+            t, h = lmaps[m].batch(idx) if lmaps[m] is not None else (None, None)
             losses.append(method_loss(s["method"], forward(m, train_cache.get(idx)), labels_d[idx],
-                                      hardness=None if hard[m] is None else hard[m][idx], class_weight=cw,
-                                      base=s["base"]))
+                                      hardness=h, class_weight=cw, base=s["base"], tmap=t))
         losses = torch.stack(losses)
         for g in opt.param_groups:
             g["lr"] = lr_at(it, int(iterations), lr, lr_decay)
@@ -515,7 +512,7 @@ def finetune_cell(
         for h, v in zip(hist, losses.detach().cpu().tolist()):
             h["loss"].append(v)
         due = [m for m, s in enumerate(specs)
-               if s["refresh_every"] and hard[m] is not None and it % int(s["refresh_every"]) == 0 and it < iterations]
+               if s["refresh_every"] and lmaps[m] is not None and it % int(s["refresh_every"]) == 0 and it < iterations]
         if due:
             refresh(due)
         if eval_cache is not None and (it % int(eval_every) == 0 or it == iterations):
