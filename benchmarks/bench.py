@@ -9,7 +9,9 @@ Every figure is the median of several repetitions after a warm-up, with its spre
   the flattened pixels (a loop over target classes for the joint and a per-sample gather for
   the score, as public LEEP code does it), on >= 1M pixels;
 * pixel-LEEP <= 5% of the time of the source U-Net forward pass that produces the same
-  probabilities;
+  probabilities; the two transferability maps (eq. 4) reported the same way, each as a fraction of
+  that forward pass: the per-image map (the per-pixel terms of pixel-LEEP, ``PixelLEEP``'s two
+  passes) and the dataset-level map (``maps.PatchLEEP``'s two passes, at the preset's patch);
 * streaming memory flat: peak RSS over 16x as many batches <= 1.1x that over 1x;
 * a TRM fine-tuning step (static risk map) <= 1.05x a vanilla step on the same batches;
 * one tutorial transfer cell (4 methods x 3 seeds, the same iterations and held-out curve) fine-
@@ -36,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 import copy  # noqa: E402
 
-from trm_utils import PixelLEEP, UNet2D, finetune, freeze_encoder, method_loss, transferability  # noqa: E402
+from trm_utils import PatchLEEP, PixelLEEP, UNet2D, finetune, freeze_encoder, method_loss, transferability_maps  # noqa: E402
+from trm_utils.maps import LossMaps  # noqa: E402
 from trm_utils.batched import decode, encode  # noqa: E402
 from trm_utils.train import bf16_native, finetune_cell  # noqa: E402
 from trm_utils.experiments import PRESETS  # noqa: E402
@@ -84,6 +87,16 @@ def streaming_pixel_leep(probs, labels, batch: int) -> float:
     return est.score()
 
 
+def streaming_dataset_map(probs, labels, batch: int, patch: int) -> torch.Tensor:
+    """The dataset-level map (eq. 4) in its two streamed passes, as the training code computes it."""
+    est = PatchLEEP(probs.shape[1], int(labels.max()) + 1, patch)
+    for s in range(0, len(probs), batch):
+        est.update(probs[s:s + batch], labels[s:s + batch])
+    for s in range(0, len(probs), batch):
+        est.score_update(probs[s:s + batch], labels[s:s + batch])
+    return est.map()
+
+
 def make_probs(n_img, size, c_s=4, c_t=4, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn(n_img, c_s, size, size, generator=g), 1).to(device)
@@ -128,6 +141,7 @@ def finetune_step_times(cfg: dict, size: int, batch: int, reps: int, steps: int,
     x = torch.randn(batch, 1, size, size, device=device)
     y = torch.randint(0, 2, (batch, size, size), device=device)
     h = torch.rand(batch, size, size, device=device)
+    t = -h * 0.69  # a transferability map in [-log 2, 0] (trs_map weighs by exp(-T))
     cw = torch.tensor([0.6, 3.0], device=device)
     base = UNet2D(1, 2, cfg["base_channels"], cfg["depth"]).to(device)
     freeze_encoder(base)
@@ -142,7 +156,7 @@ def finetune_step_times(cfg: dict, size: int, batch: int, reps: int, steps: int,
 
         def run(method=method, model=model, opt=opt):
             for _ in range(steps):
-                loss = method_loss(method, model(x), y, hardness=h, class_weight=cw)
+                loss = method_loss(method, model(x), y, hardness=h, class_weight=cw, tmap=t)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -207,11 +221,12 @@ def cell_times(cfg: dict, size: int, n_train: int, n_eval: int, iterations: int,
         num_classes = 2
 
     ev = Eval() if n_eval else None
-    hardness = torch.rand(n_train, size, size, generator=g)
+    hard = torch.rand(size, size, generator=g)  # one dataset-level map, as the default reading has
+    maps = LossMaps("dataset", -0.69 * hard, hard, n_train)
     torch.manual_seed(0)
     src = UNet2D(1, 2, cfg["base_channels"], cfg["depth"]).to(device)
     runs = [(m, s) for m in ("vanilla", "class_weight", "trs_map", "trm") for s in seeds]
-    kw = dict(risk=hardness, iterations=iterations, lr=1e-3, batch_size=cfg["batch_size"], eval_data=ev,
+    kw = dict(maps=maps, iterations=iterations, lr=1e-3, batch_size=cfg["batch_size"], eval_data=ev,
               eval_every=eval_every, device=device, show_progress=False)
 
     def per_run():
@@ -288,9 +303,15 @@ def main(argv=None) -> int:
 
         t_fwd = timeit(forward, 2 if (fast or preset == "paper") else reps, sync=sync)
         t_leep = timeit(lambda: streaming_pixel_leep(p_f, l_f, 8), reps, sync=sync)
+        k = cfg["map_patch"]
+        t_dmap = timeit(lambda: streaming_dataset_map(p_f, l_f, 8, k), reps, sync=sync)
         fwd[preset] = {"pixels": n_f * s_f * s_f, "forward_seconds": t_fwd, "pixel_leep_seconds": t_leep,
-                       "fraction": t_leep["median"] / t_fwd["median"]}
+                       "fraction": t_leep["median"] / t_fwd["median"], "map_patch": k,
+                       "dataset_map_seconds": t_dmap,
+                       "map_fraction": {"image": t_leep["median"] / t_fwd["median"],
+                                        "dataset": t_dmap["median"] / t_fwd["median"]}}
     res["forward"] = fwd
+    res["map_cost_fraction_of_forward"] = {p: v["map_fraction"] for p, v in fwd.items()}
     res["pixel_leep_fraction_of_forward"] = fwd["paper"]["fraction"]
     res["pixel_leep_fraction_of_forward_tutorial_unet"] = fwd["tutorial"]["fraction"]
 
@@ -313,7 +334,8 @@ def main(argv=None) -> int:
     n_train = 16 if fast else 140
     model = UNet2D(1, 2, t_cfg["base_channels"], t_cfg["depth"]).to(device)
     data = (torch.randn(n_train, 1, size_t, size_t), torch.randint(0, 2, (n_train, size_t, size_t)))
-    t_ref = timeit(lambda: transferability(model, data, 2, device=device), reps, sync=sync)
+    t_ref = timeit(lambda: transferability_maps(model, data, ("dataset",), t_cfg["map_patch"], 2, device=device), reps,
+                   sync=sync)
     res["refresh_seconds"] = t_ref
     res["refresh_cost_in_vanilla_steps"] = t_ref["median"] / step["vanilla"]["median"]
 
@@ -352,6 +374,10 @@ def main(argv=None) -> int:
          res["pixel_leep_speedup_vs_naive"] >= 20)
     line("pixel-LEEP / forward pass (paper U-Net)", f"{100 * fwd['paper']['fraction']:.2f}%", "<= 5%", fwd["paper"]["fraction"] <= 0.05)
     line("pixel-LEEP / forward pass (tutorial U-Net)", f"{100 * fwd['tutorial']['fraction']:.2f}%", "(info)", True)
+    for p, v in fwd.items():
+        f = v["map_fraction"]
+        print(f"  maps / forward pass ({p} U-Net, {v['pixels'] / 1e6:.2f}M px): per-image map {100 * f['image']:.2f}%, "
+              f"dataset-level map (patch {v['map_patch']}) {100 * f['dataset']:.2f}%")
     line("peak memory 16x / 1x batches", f"{res['pixel_leep_memory_growth_16x']:.3f}x", "<= 1.1x", res["pixel_leep_memory_growth_16x"] <= 1.1)
     line("TRM step / vanilla step", f"{res['trm_step_ratio_vs_vanilla']:.3f}x", "<= 1.05x", res["trm_step_ratio_vs_vanilla"] <= 1.05)
     for m, r in res["step_ratio_vs_vanilla"].items():

@@ -18,8 +18,9 @@
 # - how LEEP (notebook 01) becomes a segmentation score when *every pixel* is an instance (eq. 3);
 # - how to stream it over batches in two passes, with memory that does not grow with the data;
 # - how to pre-train source U-Nets and score every source for every target (a transferability matrix);
-# - the **per-pixel transferability map** (eq. 4): where on an image a source is expected to transfer
-#   well, and where it is not. This map is what notebook 03 turns into a transfer risk map.
+# - the **transferability map** (eq. 4): for each source-target pair, where in the anatomy a source is
+#   expected to transfer well and where it is not, one map over the whole target set as the authors' code
+#   computes it, beside the per-image variant. Notebook 03 turns it into a transfer risk map.
 #
 # **Compute budget** (tutorial preset, phantom): about 4.5 min on 2 CPU cores the first time (the phantom is
 # written, 4 source U-Nets are trained and cached; the tumour ones for 1500 iterations), under a minute after.
@@ -52,7 +53,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trm_utils import PixelLEEP, evaluate, leep, pixel_leep, transferability
+from trm_utils import PixelLEEP, evaluate, leep, pixel_leep, transferability, transferability_maps
 from trm_utils import experiments as E
 from trm_utils import viz
 from trm_utils.notebook import setup
@@ -189,41 +190,77 @@ for fam, g in scores.groupby("family"):
 # tasks that share its modality or its structure. Whether this *global* score ranks sources the way
 # fine-tuning does is checked in notebook 04, where the grid's Dice sits beside each pair's pixel-LEEP.
 #
-# ## 4. Transferability maps (eq. 4)
+# ## 4. Transferability maps (eq. 4): one map per source-target pair
 #
-# Before averaging, every pixel has its own term
-# $T_i(p) = \log \sum_z \hat P(y_{i,p} \mid z)\, \theta(x_i)_{p,z} \le 0$: how likely the source's
-# "free" classifier finds the pixel's true target label. Near 0: the source's knowledge carries over here.
-# Very negative: the source points the other way, a pixel at risk of **negative transfer**.
+# Eq. (4) defines "$T(h, w)$, the transferability score at a pixel coordinate $(h, w)$", with no image index.
+# The kit reads it as the paper's authors compute maps in the code they released for their earlier paper [22]
+# (`tanyang1231/SegmentationTransferability`, `compute_transferability_map/pixelwise_transferability.py`):
+# **one map per (source, target) pair over the whole target training set**. For every pixel coordinate (or
+# patch of $k \times k$ coordinates; $k = 1$ here at 64 px, $k = 4$ in the paper preset as in [22]'s code),
+# take that coordinate's pixels in *all* $N$ target images and compute their LEEP (eq. 2), with $P(y \mid z)$
+# estimated from those pixels alone:
+#
+# $$T(h, w) = \frac{1}{N} \sum_{i=1}^{N} \log \sum_z \hat P_{hw}(y_{i,hw} \mid z)\, \theta(x_i)_{hw,z} \;\le 0 .$$
+#
+# Near 0: at this coordinate the source's outputs predict the target's labels well (or the coordinate always
+# carries one label, like the background outside every brain, where $T = 0$ exactly). Very negative: the
+# source's classes say little about what the target's label is *here*. The other reading, a map per image
+# $T_i(p) = \log \sum_z \hat P(y_{i,p} \mid z)\, \theta(x_i)_{p,z}$ with one $P(y \mid z)$ for the whole set
+# (the per-pixel terms of eq. 3), is kept as the variant `map=image`; notebook 03 sets the evidence for each
+# side by side. Both come from the same two streamed passes (`transferability_maps`).
+#
+# Below, for every (source, target) pair of the preset's grid: one target slice, its label, the per-image map
+# of that slice, and the pair's dataset-level map (the same for every slice of the target).
 
 # %%
-for fam, (name, root, src_tasks, tgt_tasks) in families.items():
-    src_task, target = src_tasks[-1], [t for t in tgt_tasks if t not in src_tasks][0]
-    train = E.load_task(name, root, target, "train", ctx.cfg)
-    tr = transferability(sources[(fam, src_task)], train, device=ctx.device)
-    fg = train.labels.flatten(1).sum(1)
-    picks = torch.argsort(fg, descending=True)[[0, len(fg) // 4]].tolist()
-    for i in picks:
-        with torch.no_grad():
-            prob = torch.softmax(sources[(fam, src_task)].to(ctx.device).eval()(train.images[i:i + 1].to(ctx.device)), 1)[0].cpu()
-        pred = prob.argmax(0)
-        fig = viz.image_row([train.images[i, 0], train.labels[i], pred, tr["tmap"][i]],
-                            [f"{target} image", "target label", f"{src_task} source prediction", "transferability T"],
-                            cmaps=["gray", "viridis", "viridis", "magma"])
-        ctx.save_fig(fig, f"tmap_{fam}_{src_task}_to_{target}_slice{i}")
+pair_maps, map_scores = {}, []
+for fam, (name, root, src_tasks, _) in families.items():
+    _, grid_targets = E.grid_tasks(name, preset)
+    for target in grid_targets:
+        train = E.load_task(name, root, target, "train", ctx.cfg)
+        i = int(torch.argmax(train.labels.flatten(1).sum(1)))  # the slice with the most label
+        panels, titles = [], []
+        for task in src_tasks:
+            if task == target:
+                continue
+            r = transferability_maps(sources[(fam, task)], train, patch=ctx.cfg["map_patch"], device=ctx.device)
+            pair_maps[(fam, task, target)] = r
+            map_scores.append({"family": fam, "source": task, "target": target,
+                               "pixel_leep_eq3": r["score"], "dataset_map_score": r["dataset"]["score"]})
+            panels += [train.images[i, 0], train.labels[i], r["image"]["tmap"][i], r["dataset"]["tmap"]]
+            titles += [f"{target} slice {i}", "target label", f"per-image T_i from {task}",
+                       f"dataset-level T, {task} -> {target}"]
+        fig = viz.image_grid(panels, titles, ncols=4, cmaps=["gray", "viridis", "magma", "magma"])
+        ctx.save_fig(fig, f"tmaps_{fam}_{target}")
         plt.show()
+map_scores = pd.DataFrame(map_scores)
+ctx.save_table(map_scores, "map_scores")
+higher = int((map_scores.dataset_map_score > map_scores.pixel_leep_eq3).sum())
+print(f"the dataset-level map's score is above eq. (3)'s in {higher} of {len(map_scores)} pairs")
+map_scores.round(4)
 
 # %% [markdown]
-# The map is darkest (least transferable) where the source's prediction disagrees with what its classes
-# *usually* mean for this target: at tissue borders, at structures the source never learnt (a tumour for a
-# source trained on another centre's modality) and where the modality contrast inverts.
+# The table gives the global score both ways: `pixel_leep_eq3` is eq. (3), every pixel scored with one
+# $P(y \mid z)$ for the whole set (the mean of the per-image maps); `dataset_map_score` is the mean of the
+# dataset-level map, every pixel scored with its own coordinate's $P(y \mid z)$. A conditional estimated at
+# each coordinate usually describes that coordinate's labels better than one for the whole image, which the
+# line above the table checks. Notebook 04 ranks sources by the first, as the paper does.
+#
+# Look at the dataset-level maps: their values vary from coordinate to coordinate, and where they are low
+# says *where in the anatomy* the source's knowledge fails to carry over to this target, for every image at
+# once. The per-image map of one slice mostly repeats its label's outline, sharpened where the source's
+# prediction disagrees with it; notebook 03 measures how much of each map the pair (target label, source
+# prediction) explains.
 #
 # ## Summary
 # - Pixel-LEEP is LEEP with pixels as instances; `PixelLEEP` streams it in two passes with constant memory.
-# - The score ranks sources for a target without fine-tuning; the map localises the risk inside each image.
+# - The score ranks sources for a target without fine-tuning.
+# - The transferability map (eq. 4) is, by default, one map per source-target pair: each coordinate's LEEP
+#   over the whole target set ([22]'s code); a map per image is the variant `map=image`.
 #
 # ## Exercises
 # 1. Score a source on its own task's test split: how close to 0 does pixel-LEEP get?
-# 2. Pass a brain mask (`mask=train.images[:, 0] != 0`) to `transferability`: how does the score change
+# 2. Pass a brain mask (`mask=train.images[:, 0] != 0`) to `transferability_maps`: how does the score change
 #    when the easy background pixels are left out?
-# 3. Train a source for fewer iterations (`ctx.cfg["source_iterations"] = 50`, new cache) and compare maps.
+# 3. Compute the dataset-level map with `patch=4` (as [22]'s code does on 512 x 1024 images): what is lost at
+#    64 px?

@@ -93,7 +93,8 @@ print(f"source {fewshot_source} -> targets {targets}; training slices {sizes}; m
 # For each size, `max_slices` draws that many slices from the target training subjects. **Each seed draws
 # its own subset** (recorded as `subset_seed`), and both methods of a seed train on the same one: the spread
 # over seeds then covers which slices were labelled as well as the training randomness. The risk map of a
-# run is computed on its own subset (pixel-LEEP's P(y|z) is estimated from the labelled slices only). The
+# run is computed on its own subset: TRM's dataset-level map (notebook 02) is each coordinate's LEEP over the
+# labelled slices only, so with 25 slices it rests on 25 pixels per coordinate. The
 # test subjects are the full held-out split.
 
 # %%

@@ -36,6 +36,12 @@
 # ablations on the phantom at the current tutorial budget (79 units, seeds 0, 1, 2). Many tumour runs (Table II, the
 # tumour ablations) do not finish learning at that budget, and section 2 counts them: read those tables as a
 # comparison after 400 iterations. `results/README.md` gives the figures and what is behind them.
+#
+# **Its methods are the kit's earlier definitions.** That sweep ran before the kit read eq. (4) as the authors'
+# code does (notebooks 02-04): in it, `trm` is TRM on **per-image** maps (what is now `trm@map=image`) and
+# `trs_map` is the withdrawn weight $1 + H$ of the per-image map, not [22]'s $e^{-T}$ of the dataset-level map.
+# A sweep run today (`python -m trm_utils.sweep run ...`) compares `trm` (dataset-level map), `trm@map=image`
+# and [22]'s Trs map by default; read the committed tables as the per-image reading's.
 
 # %% [markdown]
 # ## 0. Setup

@@ -33,3 +33,7 @@ def test_bench_fast_writes_all_keys(tmp_path):
         assert isinstance(res[k], numbers.Number) and np.isfinite(res[k]) and res[k] > 0, k
     assert set(res["step_ratio_vs_vanilla"]) == {"vanilla", "class_weight", "trs_map", "trm", "fg_only", "exp_only"}
     assert "target" in r.stdout and "TRM step / vanilla step" in r.stdout
+    for preset in ("tutorial", "paper"):
+        f = res["map_cost_fraction_of_forward"][preset]
+        assert f["image"] > 0 and f["dataset"] > 0
+    assert "dataset-level map (patch" in r.stdout

@@ -3,6 +3,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from trm_utils import experiments as E
 
@@ -77,9 +78,16 @@ def test_source_model_cache(phantom_root, tmp_path):
 def test_run_grid_batched_equals_per_run(phantom_root, tmp_path):
     cfg = E.get_preset("smoke", source_iterations=3, iterations=6, eval_every=3)
     kw = dict(cfg=cfg, cache_dir=tmp_path, log=None)
-    a = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla", "trm"], [0, 1], engine="batched", **kw)
-    b = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], ["vanilla", "trm"], [0, 1], engine="per_run", **kw)
-    assert len(a) == len(b) == 4
+    methods = ["vanilla", "trm", "trm@map=image", "trs_map"]
+    ka, kb = ({("WM-T1", "GM-T1", "trm", 1): None} for _ in range(2))
+    a = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], methods, [0, 1], engine="batched", keep_models=ka, **kw)
+    b = E.run_grid("iseg2019", phantom_root, ["WM-T1"], ["GM-T1"], methods, [0, 1], engine="per_run", keep_models=kb, **kw)
+    assert len(a) == len(b) == 8 and a.map_leep.notna().all()
+    # the kept run's model is the one the grid trained: the same weights from both engines
+    ma, mb = ka[("WM-T1", "GM-T1", "trm", 1)], kb[("WM-T1", "GM-T1", "trm", 1)]
+    assert len(ka) == 1 and not ma.training
+    for (n, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-5, msg=n)
     key = ["source", "target", "method", "seed"]
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
     assert (a[key] == b[key]).all().all()

@@ -52,7 +52,8 @@ def test_expand_full_grids(settings, fams):
     # Table III: one source, the five other tissue tasks, at every few-shot size
     assert {u.source for u in t3} == {"CSF-T1"} and len({u.target for u in t3}) == 5
     assert sorted({u.n_slices for u in t3}) == sorted(S.FEWSHOT_SIZES["smoke"])
-    assert all(u.methods == E.CORE_METHODS and u.seeds == (0, 1) for u in t1 + t3)
+    assert all(u.methods == (*E.CORE_METHODS, "trm@map=image") and u.seeds == (0, 1) for u in t1 + t2)
+    assert all(u.methods == ("vanilla", "trm", "trm@map=image") for u in t3)
     ab = S.expand("ablations", settings, fams)
     assert "trm@base=2" in ab[0].methods and any(m.startswith("trm@refresh=") for m in ab[0].methods)
     assert len({u.uid for u in t1 + t2 + t3 + ab}) == len(t1 + t2 + t3 + ab)
@@ -137,7 +138,7 @@ def test_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, settings, fams):
     assert rec["status"] == "failed" and "XX-T9" in rec["error"] and "\n" not in rec["error"]
     assert list((out / "units").glob("*XX-T9*/*.failed.ipynb"))  # the executed notebook, kept for the post-mortem
     runs = pd.read_csv(next((out / "units").glob("*GM-T1*/result.csv")))
-    assert len(runs) == len(E.CORE_METHODS) * 2 and set(runs.method) == set(E.CORE_METHODS)
+    assert len(runs) == len(S.STUDY_METHODS["table1"]) * 2 and set(runs.method) == set(S.STUDY_METHODS["table1"])
     # run again: the finished unit is skipped, the failed one retried (and fails again)
     res = S.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
     assert [r["status"] for r in res] == ["failed", "skipped"]

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import pandas as pd
 import torch
@@ -274,7 +274,7 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
 
 def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods: Iterable[str], seeds: Iterable[int],
              cfg: dict, device="auto", out_csv=None, show_progress=False, max_slices=None, cache_dir=None,
-             log=print, engine: str = "batched") -> pd.DataFrame:
+             log=print, engine: str = "batched", keep_models: Optional[dict] = None) -> pd.DataFrame:
     """Fine-tune every source on every other target with every method and seed.
 
     A cell (source, target) fine-tunes all its methods x seeds at once with ``finetune_cell``
@@ -294,6 +294,10 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     ``trm@map=image``, ``trm@base=2``, ``trm@refresh=100``); the row keeps the label. The maps of
     every reading the methods use are computed once per cell (``maps.transferability_maps``, the
     preset's ``map_patch``).
+
+    ``keep_models``: a dict whose keys are ``(source, target, method, seed)`` runs to keep; the grid
+    fills in each one's fine-tuned model (e.g. to draw its risk map after fine-tuning, without
+    training it again). Only the runs asked for are kept.
     """
     if engine not in ("batched", "per_run"):
         raise ValueError(f"engine must be 'batched' or 'per_run', got {engine!r}")
@@ -325,7 +329,11 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
                 tr = transferability_maps(src, train, readings or ("dataset",), patch, device=device)
                 labels = [(m, s) for m in methods for s in group_seeds]
                 runs = [(parsed[m][0], s, parsed[m][1]) for m, s in labels]
-                hists = _train_runs(src, train, test, runs, tr, cfg, device, show_progress, engine)
+                want = [k for k, (m, s) in enumerate(labels) if keep_models is not None
+                        and (source, target, m, s) in keep_models]
+                hists, models = _train_runs(src, train, test, runs, tr, cfg, device, show_progress, engine, bool(want))
+                for k in want:
+                    keep_models[(source, target, *labels[k])] = models[k]
                 for (method, seed), hist in zip(labels, hists):
                     final = hist["eval"][-1]
                     rows.append({
@@ -347,20 +355,25 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     return pd.DataFrame(rows)
 
 
-def _train_runs(src, train, test, runs, maps, cfg, device, show_progress, engine) -> list:
-    """One history per (method, seed) run of a cell, each ending with its held-out Dice."""
+def _train_runs(src, train, test, runs, maps, cfg, device, show_progress, engine, return_models=False) -> tuple:
+    """One history per (method, seed) run of a cell, each ending with its held-out Dice, and the
+    fine-tuned models (None unless ``return_models``)."""
     kw = dict(iterations=cfg["iterations"], lr=cfg["lr"], batch_size=cfg["batch_size"], eval_data=test,
               eval_every=cfg["eval_every"] or cfg["iterations"], device=device, show_progress=show_progress,
               lr_decay=cfg.get("lr_decay"), patch=int(cfg.get("map_patch", 1)))
     if engine == "batched":
-        return finetune_cell(src, train, runs, maps=maps, precision=cfg.get("precision", "fp32"), **kw)
-    hists = []
+        out = finetune_cell(src, train, runs, maps=maps, precision=cfg.get("precision", "fp32"),
+                            return_models=return_models, **kw)
+        return out if return_models else (out, None)
+    hists, models = [], []
     for method, seed, opts in runs:
         t0 = time.perf_counter()
-        h = finetune(copy.deepcopy(src), train, method, maps=maps, seed=seed, **opts, **kw)
+        model = copy.deepcopy(src)
+        h = finetune(model, train, method, maps=maps, seed=seed, **opts, **kw)
         h["seconds"] = time.perf_counter() - t0
         hists.append(h)
-    return hists
+        models.append(model.eval() if return_models else None)
+    return hists, (models if return_models else None)
 
 
 def plateau(curve, tol: float = 0.01, tail: float = 1 / 3) -> dict:

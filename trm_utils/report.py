@@ -422,6 +422,10 @@ def headline(rep: dict) -> list:
                 f"(95% CI {t.gain_ci_low:+.2f} to {t.gain_ci_high:+.2f}) over {int(t.n_cells)} cells x {int(t.n_seeds)} seeds")
         if "paper_gain_pct" in g and pd.notna(t.get("paper_gain_pct")):
             line += f"; paper {t.paper_gain_pct:+.2f}%"
+        if E.IMAGE_READING in g.index:  # the other reading of eq. 4, beside the default
+            v = g.loc[E.IMAGE_READING]
+            line += (f"\n    TRM on per-image maps ({E.IMAGE_READING}) {v.dice_mean:.4f}: {v.gain_pct:+.2f}% "
+                     f"(95% CI {v.gain_ci_low:+.2f} to {v.gain_ci_high:+.2f})")
         for b in g.index:
             if b != "trm" and "trm_wins" in g and pd.notna(g.loc[b, "trm_wins"]):
                 p = g.loc[b, "trm_wilcoxon_p"]

@@ -58,9 +58,9 @@ def summary_text(out: Path) -> str:
         s = pd.read_csv(f).set_index("method")
         lines.append(f"{f.stem.replace('summary_', '')}: mean Dice over the grid (seeds: n={int(s.n_seeds.iloc[0])}), "
                      f"{int(s.n_cells.iloc[0])} cell" + ("s" if int(s.n_cells.iloc[0]) != 1 else ""))
-        lines.append(f"  {'method':<13}{'dice':>8}{'± std':>9}{'gain vs vanilla':>17}{'cells won':>11}")
+        lines.append(f"  {'method':<15}{'dice':>8}{'± std':>9}{'gain vs vanilla':>17}{'cells won':>11}")
         for m, r in s.iterrows():
-            lines.append(f"  {m:<13}{r.dice_mean:>8.4f}{r.dice_std:>9.4f}{r.gain_pct:>+16.2f}%{int(r.cells_won):>11}")
+            lines.append(f"  {m:<15}{r.dice_mean:>8.4f}{r.dice_std:>9.4f}{r.gain_pct:>+16.2f}%{int(r.cells_won):>11}")
     f5 = out / "05_few_shot" / "fewshot_summary.csv"
     if f5.exists():
         s = pd.read_csv(f5)

@@ -56,6 +56,11 @@ FEWSHOT_SIZES = {"paper": [400, 100, 50], "tutorial": [100, 25, 12], "smoke": [8
 #: The ablation variants (``experiments.parse_method`` labels): the TRM's two parts alone, maps
 #: refreshed during fine-tuning, and the exponential's base (the paper's 10 against 2 and 100).
 ABLATION_METHODS = ("vanilla", "trm", "fg_only", "exp_only", "trm@refresh={refresh}", "trm@base=2", "trm@base=100")
+#: The methods each table compares by default: the paper's four with TRM in both readings of eq. 4
+#: (``trm``: the dataset-level map; ``trm@map=image``: a map per image); Table III, as the paper's,
+#: vanilla against TRM.
+STUDY_METHODS = {"table1": (*E.CORE_METHODS, E.IMAGE_READING), "table2": (*E.CORE_METHODS, E.IMAGE_READING),
+                 "table3": ("vanilla", "trm", E.IMAGE_READING)}
 #: The modules whose source decides a unit's numbers (part of its hash). Reports and runners
 #: are not: editing them never invalidates finished units.
 METHOD_MODULES = ("leep", "maps", "risk", "losses", "train", "batched", "unet", "slices", "datasets", "metrics")
@@ -138,7 +143,7 @@ def expand(study: str, settings: Settings, fams: dict, methods=None, sources=Non
 
     ``sources`` / ``targets`` filter the grid (an empty result is an error); ``sizes`` are the
     few-shot sizes (``FEWSHOT_SIZES`` of the preset by default); ``methods`` default to the
-    four compared methods (``ABLATION_METHODS`` for the ablations).
+    study's (``STUDY_METHODS``; ``ABLATION_METHODS`` for the ablations).
     """
     _check_choice("study", study, STUDIES)
     wanted = [f for f in STUDY_FAMILIES[study] if f in fams]
@@ -161,7 +166,7 @@ def expand(study: str, settings: Settings, fams: dict, methods=None, sources=Non
             g = E.TUTORIAL_GRID[name]
             pairs = [(s, t) for t in g["targets"] for s in g["sources"] if s != t]
         else:
-            ms = tuple(methods or E.CORE_METHODS)
+            ms = tuple(methods or STUDY_METHODS[study])
             if study == "table3":
                 if name not in FEWSHOT_SOURCE:
                     continue

@@ -6,19 +6,29 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-METHOD_ORDER = ["vanilla", "class_weight", "trs_map", "trm", "fg_only", "exp_only"]
+METHOD_ORDER = ["vanilla", "class_weight", "trs_map", "trm", "trm@map=image", "fg_only", "exp_only"]
 METHOD_LABEL = {"vanilla": "vanilla", "class_weight": "class weight", "trs_map": "Trs map", "trm": "TRM (ours)",
-                "fg_only": "fg-norm only", "exp_only": "exp-weight only"}
+                "trm@map=image": "TRM, per-image map", "fg_only": "fg-norm only", "exp_only": "exp-weight only"}
 
 
 def image_row(panels, titles, cmaps=None, vmins=None, vmaxs=None, size=2.6, colorbar=True):
     """One row of image panels (2D arrays) with titles and optional colour bars."""
+    return image_grid(panels, titles, len(panels), cmaps, vmins, vmaxs, size, colorbar)
+
+
+def image_grid(panels, titles, ncols, cmaps=None, vmins=None, vmaxs=None, size=2.6, colorbar=True):
+    """Image panels in rows of ``ncols``; ``cmaps``, ``vmins`` and ``vmaxs`` are given per column."""
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.3))
-    axes = np.atleast_1d(axes)
-    for i, (ax, img) in enumerate(zip(axes, panels)):
-        cmap = (cmaps or ["gray"] * n)[i]
-        im = ax.imshow(np.asarray(img), cmap=cmap, vmin=(vmins or [None] * n)[i], vmax=(vmaxs or [None] * n)[i])
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + 0.3) * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        c = i % ncols
+        cmap = (cmaps or ["gray"] * ncols)[c]
+        im = ax.imshow(np.asarray(panels[i]), cmap=cmap, vmin=(vmins or [None] * ncols)[c],
+                       vmax=(vmaxs or [None] * ncols)[c])
         ax.set_title(titles[i], fontsize=9)
         ax.axis("off")
         if colorbar and cmap != "gray":
