@@ -16,7 +16,8 @@ NB_DIR = REPO_ROOT / "notebooks"
 CANONICAL = {"dataset", "data_dir", "output_dir", "preset", "seeds", "device", "iterations", "show_progress"}
 TASK_LISTS = {"tissue_sources", "tissue_targets", "tumour_sources", "tumour_targets"}
 SMOKE = {"preset": "smoke", "seeds": [0, 1], "ablation_seeds": [0], "fewshot_slices": [12, 6], "show_progress": False,
-         "sweep_dir": "runs/no-such-sweep"}  # notebook 07 then runs its two-unit demo sweep
+         "sweep_dir": "runs/no-such-sweep",  # notebook 07 then runs its two-unit demo sweep
+         "tumour_max_sources": 1}  # notebook 04's tumour cell (off in the main job) runs too
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS)
@@ -85,14 +86,20 @@ def test_02_pixel_leep_outputs(smoke_run):
     assert (scores.pixel_leep <= 0).all()
     src = pd.read_csv(out / "source_models.csv")
     assert set(src.status) <= {"trained", "loaded"} and src.own_task_dice.between(0, 1).all()
-    assert list(out.glob("tmap_*.png")) and (out / "pixel_leep_tissue.png").exists()
+    assert (out / "tmaps_tissue_GM-T2.png").exists() and (out / "pixel_leep_tissue.png").exists()
+    ms = pd.read_csv(out / "map_scores.csv")  # the global score both ways, one row per grid pair
+    assert len(ms) == 4 and (ms.pixel_leep_eq3 <= 0).all() and (ms.dataset_map_score <= 1e-6).all()
 
 
 def test_03_risk_map_outputs(smoke_run):
     out = smoke_run[0] / "03_risk_maps"
     base = pd.read_csv(out / "base_effect.csv")
-    assert base.base.tolist() == [2.0, 10.0, 100.0]
+    assert base.base.tolist() == [2.0, 10.0, 100.0] * 2 and base.reading.tolist() == ["dataset"] * 3 + ["image"] * 3
     assert (base.max_weight <= base.base + 1e-6).all() and (base.mean_weight >= 1).all()
+    ve = pd.read_csv(out / "variance_explained.csv")
+    cols = ["image_map_by_label_and_prediction", "image_map_by_label_alone", "dataset_map_by_label_and_prediction"]
+    assert len(ve) == 4 and ve[cols].apply(lambda c: c.between(0, 1)).all().all()
+    assert (ve.image_map_by_label_and_prediction >= ve.image_map_by_label_alone - 1e-9).all()
     assert (out / "steps_one_slice.png").exists() and (out / "histograms.png").exists()
 
 
@@ -100,7 +107,7 @@ def test_04_grid_outputs(smoke_run):
     out = smoke_run[0] / "04_weighted_finetuning"
     for fam in ("tissue", "tumour"):
         grid = pd.read_csv(out / f"grid_{fam}.csv")
-        methods, seeds = ["vanilla", "class_weight", "trs_map", "trm"], [0, 1]
+        methods, seeds = ["vanilla", "class_weight", "trs_map", "trm", "trm@map=image"], [0, 1]
         cells = grid[["source", "target"]].drop_duplicates()
         # the tutorial grid: 2 sources (same / cross modality) x 1 target; one tumour cell (tumour_max_sources)
         assert len(cells) == (2 if fam == "tissue" else 1)
@@ -114,12 +121,14 @@ def test_04_grid_outputs(smoke_run):
     abl = pd.read_csv(out / "ablation_tissue.csv")
     assert set(abl.method) == {"fg_only", "exp_only"} and abl.dice.between(0, 1).all()
     side = pd.read_csv(out / "paper_vs_ours.csv")
-    assert len(side) == 8 and side.paper_dice.between(0, 1).all()
+    assert len(side) == 10 and side.paper_dice.between(0, 1).all()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"tissue", "tumour"}
+    assert set(summary) == {"tissue", "tumour"} and "trm@map=image_gain_pct" in summary["tissue"]
     assert (out / "fig2_risk_before_after.png").exists() and (out / "curves_tissue.png").exists()
     pl = pd.read_csv(out / "plateau_tissue.csv")  # the plateau rule, run by run
-    assert len(pl) == 2 * 4 * 2 and set(pl.columns) >= {"ok", "final", "gap", "rise"}
+    assert len(pl) == 2 * 5 * 2 and set(pl.columns) >= {"ok", "final", "gap", "rise"}
+    fig2 = pd.read_csv(out / "fig2_scores.csv")  # Fig. 2 from the grid's own models, dataset reading
+    assert fig2.model.tolist() == ["source", "after vanilla", "after TRM"] and (fig2.T_max <= 1e-6).all()
     early = pd.read_csv(out / "early_vs_final_tissue.csv")
     assert len(early) >= 4 and (out / "cell_curves_tumour.png").exists()
 
