@@ -249,3 +249,22 @@ ctx.save_json({"kendall_tau_per_seed": taus, "seeds": ctx.seeds}, "summary")
 # 1. Make the source model worse (fewer training steps) and watch LEEP and the accuracies change together.
 # 2. Why is LEEP unchanged when you permute the source labels? Check it with `theta[:, perm]`.
 # 3. Compare LEEP across tasks with 2 and 3 classes: normalise it by $\log C_t$ and see if the ranking improves.
+
+
+# %% [markdown]
+# ## Checked exercises
+# Set each `answer_q…` and run its cell: the check says "correct", or what is wrong (type, shape, which values
+# and by how much); `nb01.q1.hint()` and `nb01.q1.solution()` help. Left at `None`, a check says "not
+# attempted" and never stops a headless run.
+
+# %%
+from trm_utils.exercises import nb01, TOY_THETA, TOY_Y  # noqa: E402,F401 (the exercises' toy data)
+
+print(nb01.q1.prompt)
+answer_q1 = None  # your answer: a 2 x 2 array (rows y, columns z)
+nb01.q1.check(answer_q1)
+
+# %%
+print(nb01.q2.prompt)
+answer_q2 = None  # your answer: a float
+nb01.q2.check(answer_q2)

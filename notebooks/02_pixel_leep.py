@@ -264,3 +264,22 @@ map_scores.round(4)
 #    when the easy background pixels are left out?
 # 3. Compute the dataset-level map with `patch=4` (as [22]'s code does on 512 x 1024 images): what is lost at
 #    64 px?
+
+
+# %% [markdown]
+# ## Checked exercises
+# Set each `answer_q…` and run its cell: the check says "correct", or what is wrong (type, shape, which values
+# and by how much); `nb02.q1.hint()` and `nb02.q1.solution()` help. Left at `None`, a check says "not
+# attempted" and never stops a headless run.
+
+# %%
+from trm_utils.exercises import nb02, TOY_PROBS, TOY_LABELS  # noqa: E402,F401 (the exercises' toy data)
+
+print(nb02.q1.prompt)
+answer_q1 = None  # your answer: a float
+nb02.q1.check(answer_q1)
+
+# %%
+print(nb02.q2.prompt)
+answer_q2 = None  # your answer: a 1 x 2 array
+nb02.q2.check(answer_q2)

@@ -265,3 +265,22 @@ except Exception as exc:  # no front end or no ipywidgets: the static figures ab
 #    what happens at coordinates that are inside the brain in some slices and outside in others?
 # 3. Compare the dataset-level risk map of a same-modality source with a cross-modality one: where does each put
 #    its highest risk?
+
+
+# %% [markdown]
+# ## Checked exercises
+# Set each `answer_q…` and run its cell: the check says "correct", or what is wrong (type, shape, which values
+# and by how much); `nb03.q1.hint()` and `nb03.q1.solution()` help. Left at `None`, a check says "not
+# attempted" and never stops a headless run.
+
+# %%
+from trm_utils.exercises import nb03, TOY_T  # noqa: E402,F401 (the exercises' toy data)
+
+print(nb03.q1.prompt)
+answer_q1 = None  # your answer: a 2 x 2 array
+nb03.q1.check(answer_q1)
+
+# %%
+print(nb03.q2.prompt)
+answer_q2 = None  # your answer: a float
+nb03.q2.check(answer_q2)

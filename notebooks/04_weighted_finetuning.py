@@ -413,3 +413,22 @@ ctx.save_json(verdict, "summary")
 #    survive? Then try the paper's `lr=1e-4`: how many iterations until the plateau rule holds?
 # 2. Recompute the risk maps during training (`finetune(..., refresh_every=25)`): better or worse?
 # 3. Set the base to 2 or 100 (`finetune(..., base=...)`) on one cell and compare with notebook 03's histograms.
+
+
+# %% [markdown]
+# ## Checked exercises
+# Set each `answer_q…` and run its cell: the check says "correct", or what is wrong (type, shape, which values
+# and by how much); `nb04.q1.hint()` and `nb04.q1.solution()` help. Left at `None`, a check says "not
+# attempted" and never stops a headless run.
+
+# %%
+from trm_utils.exercises import nb04, TOY_CE, TOY_LAB, TOY_R  # noqa: E402,F401 (the exercises' toy data)
+
+print(nb04.q1.prompt)
+answer_q1 = None  # your answer: a float
+nb04.q1.check(answer_q1)
+
+# %%
+print(nb04.q2.prompt)
+answer_q2 = None  # your answer: a float
+nb04.q2.check(answer_q2)

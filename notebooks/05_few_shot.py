@@ -187,3 +187,22 @@ for n, r in rel.iterrows():
 # 1. Fix the subset for every seed (`E.load_task(..., max_slices=n, seed=0)` and `finetune_cell` on it): how much
 #    of the spread above came from which slices were labelled?
 # 2. Add `class_weight` to `methods`: is the few-shot gain specific to the risk map?
+
+
+# %% [markdown]
+# ## Checked exercises
+# Set each `answer_q…` and run its cell: the check says "correct", or what is wrong (type, shape, which values
+# and by how much); `nb05.q1.hint()` and `nb05.q1.solution()` help. Left at `None`, a check says "not
+# attempted" and never stops a headless run.
+
+# %%
+from trm_utils.exercises import nb05, FEW_VANILLA, FEW_TRM  # noqa: E402,F401 (the exercises' toy data)
+
+print(nb05.q1.prompt)
+answer_q1 = None  # your answer: a float (percent)
+nb05.q1.check(answer_q1)
+
+# %%
+print(nb05.q2.prompt)
+answer_q2 = None  # your answer: a float
+nb05.q2.check(answer_q2)

@@ -128,3 +128,22 @@ E.write_csv(runs, ctx.out_dir / "result.csv")
 ctx.save_json({"source": source, "target": target, "n_slices": n_slices, "seeds": ctx.seeds,
                "source_status": src_info["status"], "mean_dice": cell["mean"].round(4).to_dict()}, "cell")
 print(f"wrote {ctx.out_dir / 'result.csv'} ({len(runs)} runs)")
+
+
+# %% [markdown]
+# ## Checked exercises
+# Set each `answer_q…` and run its cell: the check says "correct", or what is wrong (type, shape, which values
+# and by how much); `nb06.q1.hint()` and `nb06.q1.solution()` help. Left at `None`, a check says "not
+# attempted" and never stops a headless run.
+
+# %%
+from trm_utils.exercises import nb06, TOY_CURVE  # noqa: E402,F401 (the exercises' toy data)
+
+print(nb06.q1.prompt)
+answer_q1 = None  # your answer: a whole number
+nb06.q1.check(answer_q1)
+
+# %%
+print(nb06.q2.prompt)
+answer_q2 = None  # your answer: True or False
+nb06.q2.check(answer_q2)

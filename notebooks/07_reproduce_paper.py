@@ -180,3 +180,22 @@ print(f"report written to {out / 'report'} ({len(files)} files)")
 #    these numbers, then quoting its gain on the same test subjects, overstate it?
 # 2. Kill a sweep with Ctrl-C half-way, run the same command again and check in `unit.json` that the finished
 #    units were not re-run.
+
+
+# %% [markdown]
+# ## Checked exercises
+# Set each `answer_q…` and run its cell: the check says "correct", or what is wrong (type, shape, which values
+# and by how much); `nb07.q1.hint()` and `nb07.q1.solution()` help. Left at `None`, a check says "not
+# attempted" and never stops a headless run.
+
+# %%
+from trm_utils.exercises import nb07, TOY_DIFFS  # noqa: E402,F401 (the exercises' toy data)
+
+print(nb07.q1.prompt)
+answer_q1 = None  # your answer: a tuple (wins, ties, losses)
+nb07.q1.check(answer_q1)
+
+# %%
+print(nb07.q2.prompt)
+answer_q2 = None  # your answer: a float (percent)
+nb07.q2.check(answer_q2)
