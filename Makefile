@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 NAME   ?= main
 PYTEST_ARGS ?=
 
-.PHONY: setup test run nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links sweep report
+.PHONY: setup test run book nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links sweep report
 STUDY ?= table1,table3,table2
 SEEDS ?= 3
 SWEEP ?= runs/sweep/phantom-tutorial
@@ -25,9 +25,17 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The main job: every notebook headless on the embedded phantom -> runs/$(NAME)/
+# The main job: every notebook headless on the embedded phantom -> runs/$(NAME)/. Incremental: a
+# notebook re-runs only when its content stamp (its .py, the trm_utils modules it imports, its
+# parameters) changed; FORCE=1 re-runs all.
+FORCE ?=
 run: setup
-	$(BIN)/python -m trm_utils.run_all --name $(NAME)
+	$(BIN)/python -m trm_utils.run_all --name $(NAME) $(if $(FORCE),--force,)
+
+# The executed tutorial as a static site: runs/$(NAME)/*.ipynb (outputs included, never re-executed)
+# -> runs/book/ (open runs/book/index.html); `make run` first.
+book: setup
+	$(BIN)/python -m trm_utils.book --run runs/$(NAME) --out runs/book
 
 # The notebooks exactly as committed (default parameters), through nbmake.
 nbmake: setup

@@ -1,15 +1,29 @@
 """The main job: execute every notebook in order, headless, with papermill.
 
-    python -m trm_utils.run_all --name main [-p key value ...]
+    python -m trm_utils.run_all --name main [-p key value ...] [--force]
 
 Writes the executed notebooks, figures and result files to ``runs/<name>/`` and prints a
 summary per method (mean Dice over the grid, relative gain over vanilla, spread over seeds).
 Parameters given with ``-p`` are injected into every notebook that declares them.
+
+**Incremental.** A notebook is re-executed only when its content stamp changed since its last
+successful run in that folder (``runs/<name>/stamps.json``): a hash of the notebook's source
+(``.py``), of every ``trm_utils`` module it imports (followed through the package's own imports),
+and of the parameters injected into it. The notebooks do not read each other's outputs (the
+source models they share are cached by a key of everything that determines them, and rebuilt when
+missing), so no notebook depends on another's run: a one-line change to one notebook re-executes
+that notebook alone, a change to a shared module every notebook that imports it. ``--force``
+(``make run FORCE=1``) re-executes all.
+
+Kernels run with transport encryption where the ZMQ library supports it (CurveZMQ), which is
+what ipykernel's "running over TCP without encryption" warning asks for; nothing is muted.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,23 +43,128 @@ def _literal(text: str):
         return text
 
 
-def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, log=print) -> dict:
-    """Execute ``notebooks`` with papermill into ``runs_dir/name``; returns seconds per notebook."""
+def _imported_modules(tree: ast.AST, package: str = "trm_utils", current: str = None) -> set:
+    """Names of the ``package`` modules a parsed source imports (absolute, or relative inside it)."""
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == package]
+            mods |= {n.split(".")[1] for n in names if "." in n} | ({"__init__"} if names else set())
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level == 0 and base.split(".")[0] != package:
+                continue
+            if node.level > 0 and current is None:
+                continue
+            sub = base.split(".")[1] if node.level == 0 and "." in base else (base if node.level > 0 else "")
+            if node.level == 0:
+                mods.add("__init__")  # importing trm_utils.x runs the package's __init__ first
+            if sub:
+                mods.add(sub.split(".")[0])
+            else:  # from trm_utils import x / from . import x: a module or a name of __init__
+                mods.add("__init__")
+                mods |= {a.name for a in node.names if (REPO_ROOT / package / f"{a.name}.py").exists()}
+    return mods
+
+
+def module_closure(source: str, package: str = "trm_utils") -> list:
+    """Every ``trm_utils`` module ``source`` imports, followed through the package's own imports."""
+    todo, seen = _imported_modules(ast.parse(source), package), set()
+    while todo:
+        m = todo.pop()
+        path = REPO_ROOT / package / f"{m}.py"
+        if m in seen or not path.exists():
+            continue
+        seen.add(m)
+        todo |= _imported_modules(ast.parse(path.read_text()), package, current=m) - seen
+    return sorted(seen)
+
+
+def notebook_stamp(nb: str, params: dict, nb_dir=None) -> str:
+    """The content stamp of notebook ``nb`` run with ``params`` (module docstring)."""
+    nb_dir = Path(nb_dir or REPO_ROOT / "notebooks")
+    src = (nb_dir / f"{nb}.py") if (nb_dir / f"{nb}.py").exists() else (nb_dir / f"{nb}.ipynb")
+    text = src.read_text()
+    h = hashlib.sha256(text.encode())
+    for m in module_closure(text):
+        h.update(f"\0{m}\0".encode() + (REPO_ROOT / "trm_utils" / f"{m}.py").read_bytes())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def sync_from_py(nb: str, nb_dir=None, log=print) -> bool:
+    """Regenerate ``nb``.ipynb from its ``.py`` (the edited source) when their cells differ, as
+    ``make sync-notebooks`` does, so that the notebook executed is the one the stamp describes."""
+    import jupytext
+    import nbformat
+
+    nb_dir = Path(nb_dir or REPO_ROOT / "notebooks")
+    py, ipynb = nb_dir / f"{nb}.py", nb_dir / f"{nb}.ipynb"
+    if not py.exists():
+        return False
+    src = jupytext.read(py)
+    cells = lambda n: [(c.cell_type, c.source.strip()) for c in n.cells]  # noqa: E731
+    if ipynb.exists() and cells(nbformat.read(ipynb, as_version=4)) == cells(src):
+        return False
+    jupytext.write(src, ipynb, fmt="ipynb")
+    log(f"{nb}.ipynb regenerated from {nb}.py (edit the .py; `make sync-notebooks` does this for all)")
+    return True
+
+
+def kernel_config():
+    """Kernel-manager settings: CurveZMQ transport encryption where pyzmq has it."""
+    from traitlets.config import Config
+
+    cfg = Config()
+    try:
+        import zmq
+
+        if zmq.has("curve"):
+            cfg.KernelManager.transport_encryption = "auto"
+    except ImportError:
+        pass
+    return cfg
+
+
+def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, log=print, force: bool = True,
+                  nb_dir=None, skipped: list = None) -> dict:
+    """Execute ``notebooks`` with papermill into ``runs_dir/name``; returns seconds per notebook.
+
+    With ``force=False`` a notebook whose content stamp (``notebook_stamp``) matches its last
+    successful run there is skipped; its recorded time is returned, the skip logged and its name
+    appended to ``skipped`` when given.
+    """
     import papermill as pm
 
+    nb_dir = Path(nb_dir or REPO_ROOT / "notebooks")
     out = Path(runs_dir or REPO_ROOT / "runs") / name
     out.mkdir(parents=True, exist_ok=True)
+    stamps_file = out / "stamps.json"
+    stamps = json.loads(stamps_file.read_text()) if stamps_file.exists() else {}
     timings = {}
     for nb in notebooks:
-        src = REPO_ROOT / "notebooks" / f"{nb}.ipynb"
+        sync_from_py(nb, nb_dir, log)
+        src = nb_dir / f"{nb}.ipynb"
         declared = {p for p in pm.inspect_notebook(str(src))}
         p = {k: v for k, v in params.items() if k in declared}
         p["output_dir"] = str(out / nb)
+        stamp = notebook_stamp(nb, p, nb_dir)
+        done = stamps.get(nb, {})
+        if not force and done.get("stamp") == stamp and (out / f"{nb}.ipynb").exists():
+            timings[nb] = done.get("seconds", 0.0)
+            log(f"[{time.strftime('%H:%M:%S')}] {nb}: up to date, not re-executed (ran in {timings[nb]:.0f} s)")
+            if skipped is not None:
+                skipped.append(nb)
+            continue
         t0 = time.perf_counter()
         log(f"[{time.strftime('%H:%M:%S')}] {nb} ...")
-        pm.execute_notebook(str(src), str(out / f"{nb}.ipynb"), parameters=p, cwd=str(REPO_ROOT / "notebooks"),
-                            kernel_name="python3", progress_bar=False)
+        stamps.pop(nb, None)  # a failed run leaves no stamp: it is retried next time
+        atomic_write_json(stamps_file, stamps)
+        pm.execute_notebook(str(src), str(out / f"{nb}.ipynb"), parameters=p, cwd=str(nb_dir),
+                            kernel_name="python3", progress_bar=False, config=kernel_config())
         timings[nb] = round(time.perf_counter() - t0, 1)
+        stamps[nb] = {"stamp": stamp, "seconds": timings[nb], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(stamps_file, stamps)
         log(f"[{time.strftime('%H:%M:%S')}] {nb} done in {timings[nb]:.0f} s")
     return timings
 
@@ -85,17 +204,24 @@ def main(argv=None) -> int:
     ap.add_argument("--notebooks", default=",".join(NOTEBOOKS), help="comma-separated notebook names")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                     help="inject a parameter into every notebook that declares it (Python literal)")
+    ap.add_argument("--force", action="store_true",
+                    help="re-execute every notebook, even those whose stamp says they are up to date")
     args = ap.parse_args(argv)
     params = {"show_progress": False, **{k: _literal(v) for k, v in args.parameter}}
     out = Path(args.runs_dir or REPO_ROOT / "runs") / args.name
     t0 = time.perf_counter()
-    timings = run_notebooks(args.name, params, args.notebooks.split(","), args.runs_dir)
+    skipped = []
+    timings = run_notebooks(args.name, params, args.notebooks.split(","), args.runs_dir, force=args.force,
+                            skipped=skipped)
     total = time.perf_counter() - t0
     text = summary_text(out)
-    report = f"main job '{args.name}': {len(timings)} notebooks in {total / 60:.1f} min\n" + \
-             "\n".join(f"  {k}: {v:.0f} s" for k, v in timings.items()) + "\n" + text + "\n"
+    report = f"main job '{args.name}': {len(timings) - len(skipped)} of {len(timings)} notebooks executed in " \
+             f"{total / 60:.1f} min" + (f" ({len(skipped)} up to date: make run FORCE=1 re-runs them)" if skipped else "") + \
+             "\n" + "\n".join(f"  {k}: {v:.0f} s" + (" (earlier run)" if k in skipped else "")
+                               for k, v in timings.items()) + "\n" + text + "\n"
     atomic_write_text(out / "summary.txt", report)
-    atomic_write_json(out / "timings.json", {"notebooks": timings, "total_seconds": round(total, 1), "parameters": params})
+    atomic_write_json(out / "timings.json", {"notebooks": timings, "total_seconds": round(total, 1), "parameters": params,
+                                             "up_to_date": skipped})
     print(report)
     return 0
 
