@@ -162,6 +162,12 @@ lines = R.headline(rep)
 print("\n".join(lines) if lines else "no study with both vanilla and TRM in this sweep")
 if demo:
     print("(smoke-preset demo: these numbers check the code path; they are not results)")
+# the sweeps committed before the two readings of eq. 4 (see the top of this notebook)
+if src.resolve() in {resolve_path(f"results/{d}").resolve() for d in ("phantom-tutorial", "phantom-tutorial-v2")}:
+    caveat = ("this sweep predates the two readings of the map: its 'trm' is TRM on per-image maps (today's "
+              "trm@map=image) and its 'trs_map' the withdrawn weight 1 + H, not [22]'s exp(-T)")
+    print(caveat)
+    (out / "caveat.txt").write_text(caveat + "\n")
 files = R.write_report(src, n_boot=n_boot, dest=out / "report")  # the sweep folder itself is left as it is
 print(f"report written to {out / 'report'} ({len(files)} files)")
 

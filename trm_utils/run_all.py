@@ -192,6 +192,9 @@ def summary_text(out: Path) -> str:
         text = f7.read_text()
         if "## Headline" in text:
             lines.append("the paper's tables from the sweep read by notebook 07 (see its report.md):")
+            caveat = out / "07_reproduce_paper" / "caveat.txt"
+            if caveat.exists():
+                lines.append(f"  NOTE: {caveat.read_text().strip()}")
             block = text.split("## Headline", 1)[1].split("```")[1]
             lines += ["  " + ln for ln in block.strip().splitlines()]
     return "\n".join(lines)
