@@ -1,14 +1,15 @@
 # One entry point per job. Each target first makes sure the environment exists:
 # .venv is created when missing; torch 2.13.0 (a CPU build on this machine's disk) is
 # installed first only when no torch is importable, so an existing torch (Colab, a CUDA
-# build) is never re-pinned; then the package with its test extra.
+# build) is never re-pinned; then the package (with nbconvert for `make book`). The test
+# extra (pytest, nbmake, Playwright, Voila, check-jsonschema) is added by the targets that need it.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 NAME   ?= main
 PYTEST_ARGS ?=
 
-.PHONY: setup test run book nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links sweep report
+.PHONY: setup setup-test test run book nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links sweep report
 STUDY ?= table1,table3,table2
 SEEDS ?= 3
 SWEEP ?= runs/sweep/phantom-tutorial
@@ -18,11 +19,17 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[book]"
+	@touch $@
+
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@touch $@
 
 # The test command (README, .ci/run). pytest exits 5 when it collects no test: that fails too.
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The main job: every notebook headless on the embedded phantom -> runs/$(NAME)/. Incremental: a
@@ -38,7 +45,7 @@ book: setup
 	$(BIN)/python -m trm_utils.book --run runs/$(NAME) --out runs/book
 
 # The notebooks exactly as committed (default parameters), through nbmake.
-nbmake: setup
+nbmake: setup-test
 	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=1800 notebooks/
 
 bench: setup

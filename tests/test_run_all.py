@@ -73,3 +73,26 @@ def test_an_edited_py_is_what_runs(tmp_path):
     out = nbformat.read(tmp_path / "runs" / "t" / "c.ipynb", as_version=4)
     assert "new 1" in out.cells[-1].outputs[0]["text"]
     assert "'new'" in nbformat.read(nbs / "c.ipynb", as_version=4).cells[-1].source  # regenerated from the .py
+
+
+def test_workers_run_the_independent_notebooks_side_by_side(tmp_path):
+    import os
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for n in ("02_pixel_leep", "x", "y"):
+        _notebook(nbs / f"{n}.ipynb", "import os, time\nt0 = time.time()\ntime.sleep(2)\n"
+                                      "print(os.environ.get('OMP_NUM_THREADS'), round(t0, 2), round(time.time(), 2))")
+    before = os.environ.get("OMP_NUM_THREADS")
+    run_notebooks("w", {}, ["02_pixel_leep", "x", "y"], runs_dir=tmp_path / "runs", log=lambda *a: None, nb_dir=nbs,
+                  workers=2)
+    assert os.environ.get("OMP_NUM_THREADS") == before  # restored
+    spans = {}
+    for n in ("02_pixel_leep", "x", "y"):
+        cell = nbformat.read(tmp_path / "runs" / "w" / f"{n}.ipynb", as_version=4).cells[-1]
+        threads, start, end = cell.outputs[0]["text"].split()
+        spans[n] = (float(start), float(end))
+        expected = before if n == "02_pixel_leep" else str(max(1, (os.cpu_count() or 1) // 2))
+        assert threads == str(expected), n  # 02 runs first with every core; the rest with their share
+    assert spans["02_pixel_leep"][1] <= min(spans["x"][0], spans["y"][0])  # 02 (FIRST) ends before the others start
+    assert spans["x"][0] < spans["y"][1] and spans["y"][0] < spans["x"][1]  # x and y overlap in time
