@@ -197,8 +197,13 @@ def test_explorer_controls_redraw_the_risk_image(voila_explorer, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
     guard = Guard(page, KNOWN_CDNS + BADGE_HOSTS)
-    page.goto(url, timeout=300_000)
-    page.locator(".widget-interact").first.wait_for(timeout=300_000)
+    # Voila streams the page while the notebook runs: wait for the explorer itself, not for the page's load event
+    page.goto(url, wait_until="commit", timeout=120_000)
+    try:
+        page.locator(".widget-interact").first.wait_for(timeout=300_000)
+    except Exception as exc:
+        raise AssertionError(f"the explorer never showed ({type(exc).__name__}); Voila's log ends with:\n"
+                             f"{(work / 'voila.log').read_text()[-1500:]}") from None
     first = _risk_image(page)
     _set_readout(page, "base", "100")
     after_base = _wait_changed(page, first, "base")
