@@ -1,5 +1,5 @@
 """Real-browser tests: the built book, and notebook 03's risk-map explorer served by Voila, in
-Debian's chromium driven by Playwright for Python (``executable_path``; never ``playwright install``).
+Debian's chromium driven by Playwright for Python (``executable_path``; Playwright's own browser download is never used).
 
 Every page is served from 127.0.0.1; a request to a known CDN (MathJax, require.js) is blocked
 without failing the page, any other request leaving 127.0.0.1 fails the test. Screenshots are kept
