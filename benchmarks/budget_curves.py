@@ -1,12 +1,13 @@
-"""Held-out curves of one small grid at a chosen budget, checked by the plateau rule: how the
-tutorial preset's fine-tuning budget was chosen (``trm_utils.experiments.PRESETS``).
+"""Held-out curves of one small grid at a chosen budget, with each run's status (flat / overfit /
+rising, ``trm_utils.experiments.run_status``): a free-form look at a budget before the budget check
+(``benchmarks/budget_check.py``, the gate) is run on it.
 
     python benchmarks/budget_curves.py tumour 14-FLAIR,14-T2 18-FLAIR --iterations 1200 --lr-decay 0.67 --eval-every 50
     python benchmarks/budget_curves.py tissue WM-T2,WM-T1 GM-T2 --iterations 600 --eval-every 50
     python benchmarks/budget_curves.py tissue CSF-T1 WM-T1 --iterations 600 --sizes 100,25 --methods vanilla,trm
 
 Every other setting is the tutorial preset's (``--source-iterations`` changes the source models'
-budget, which trains and caches new ones). Prints, per grid, the runs that fail the rule and the
+budget, which trains and caches new ones). Prints, per grid, the runs still rising and the
 mean Dice per source and method; writes each grid (one row per run, with its curve) to
 ``--out``. Seeds 0, 1, 2. A 2-cell tissue grid at 600 iterations takes about 5 minutes on 2 CPU
 cores, a 2-cell tumour grid at 1200 about 10.
@@ -52,11 +53,10 @@ def main(argv=None) -> int:
                         [int(s) for s in a.seeds.split(",")], cfg, max_slices=n, log=None)
         tag = f"{a.family}_{a.targets.replace(',', '-')}_{a.iterations}it_decay{a.lr_decay}" + (f"_{n}slices" if n else "")
         E.write_csv(df, out / f"{tag}.csv")
-        pl = E.plateau_table(df)
-        print(f"{tag}: {time.perf_counter() - t0:.0f} s; {int(pl.ok.sum())}/{len(pl)} runs pass the plateau rule; "
-              f"{int((df.dice < 0.05).sum())} end below Dice 0.05")
-        if (~pl.ok).any():
-            print(pl[~pl.ok].round(3).to_string(index=False))
+        st = E.status_table(df)
+        print(f"{tag}: {time.perf_counter() - t0:.0f} s; run status: {E.status_line(E.status_counts(st))}")
+        if (st.status == "rising").any():
+            print(st[st.status == "rising"].round(3).to_string(index=False))
         print(df.groupby(["source", "method"]).dice.agg(["mean", "std"]).unstack("method").round(4).to_string())
     return 0
 

@@ -4,7 +4,7 @@ the gap between same-modality and cross-modality sources (the negative transfer 
     python benchmarks/calibrate_phantom.py [--preset tutorial] [--seeds 0 1 2] [--iterations 1000]
 
 Fine-tunes long enough for the held-out curves to flatten (lr 1e-3, 1000 iterations by default,
-each run checked by the plateau rule ``experiments.plateau``), so the Dice it reports are where
+each run's status from ``experiments.run_status``), so the Dice it reports are where
 the runs end, not how fast they learn. Prints one line per (source, target) and a verdict per
 family; writes runs/calibration/calibration_<families>.csv and .json. About 20 minutes on 2 CPU cores.
 """
@@ -55,13 +55,13 @@ def main(argv=None) -> int:
         for target, (same, cross) in pairs.items():
             df = E.run_grid(name, root, [same, cross], [target], args.methods, args.seeds, cfg, log=None)
             df["modality"] = ["same" if s == same else "cross" for s in df.source]
-            pl = E.plateau_table(df)
-            df["plateau_ok"], df["plateau_gap"] = pl.ok.values, pl.gap.values
+            st = E.status_table(df)
+            df["status"], df["rise"], df["drop"] = st.status.values, st.rise.values, st["drop"].values
             frames.append(df)
             for r in df.itertuples():
-                if not r.plateau_ok:
-                    print(f"  not converged: {r.source} -> {r.target} {r.method} seed {r.seed}: final {r.dice:.3f}, "
-                          f"{r.plateau_gap:.3f} below the last third's maximum")
+                if r.status == "rising":
+                    print(f"  still rising: {r.source} -> {r.target} {r.method} seed {r.seed}: final {r.dice:.3f}, "
+                          f"smoothed rise {r.rise:.3f} over the last third")
             if "trm" in args.methods:
                 t = df.groupby(["source", "method"]).dice.mean().unstack("method")
                 print("   " + "  ".join(f"{s}: vanilla {t.loc[s, 'vanilla']:.3f} trm {t.loc[s, 'trm']:.3f}" for s in t.index))
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                         "same_modality": float(by["same"]), "cross_modality": float(by["cross"]),
                         "cross_minus_same": float(by["cross"] - by["same"]),
                         "vanilla_dice_std_over_seeds": float(fam_df.groupby("seed").dice.mean().std()),
-                        "runs_plateaued": f"{int(fam_all.plateau_ok.sum())}/{len(fam_all)}",
+                        "runs_status": fam_all.status.value_counts().to_dict(),
                         "by_method": fam_all.groupby("method").dice.mean().round(4).to_dict()}
         print(f"{fam}: vanilla Dice {mean:.3f} (paper's range {lo}-{hi}: {'inside' if lo <= mean <= hi else 'OUTSIDE'}); "
               f"same-modality {by['same']:.3f} vs cross-modality {by['cross']:.3f} ({by['cross'] - by['same']:+.3f})")

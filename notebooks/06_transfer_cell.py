@@ -15,11 +15,11 @@
 # one target task, with every method and seed. This notebook runs **one cell** and writes its result file.
 # `python -m trm_utils.sweep run ...` executes it once per cell with papermill (parameters injected below),
 # keeps the executed copy beside the result, and notebook 07 assembles the tables from those files. Run by
-# hand, it is a self-contained look at a single cell: its held-out curves, the plateau check and its table.
+# hand, it is a self-contained look at a single cell: its held-out curves, each run's status and its table.
 #
 # **What you will learn**
 # - how a sweep unit is defined (dataset, source, target, few-shot size; all methods x seeds at once);
-# - how to read one cell before it is averaged into a table: the curves, which runs plateaued, the spread.
+# - how to read one cell before it is averaged into a table: the curves, which runs finished learning, the spread.
 #
 # **Compute budget** (defaults: tutorial preset, phantom, one tissue cell, vanilla and TRM x 3 seeds): about
 # 1 min on 2 CPU cores, 2 min with all four methods (plus source pre-training, 20-60 s, when the source model
@@ -97,18 +97,22 @@ runs = E.run_grid(name, root, [source], [target], methods, ctx.seeds, ctx.cfg, d
                   max_slices=n_slices, show_progress=ctx.show_progress, cache_dir=cache_dir)
 runs.insert(0, "n_slices", n_slices)
 src_model, src_info = E.source_model(name, root, source, ctx.cfg, device=ctx.device, cache_dir=cache_dir)
-runs["source_plateau"] = bool(src_info["plateau"]["ok"]) if src_info["plateau"] else None
+src_status = src_info["run_status"] or {}
+runs["source_status"] = src_status.get("status")
 runs["source_dice"] = src_info["curve"][-1][1] if src_info["curve"] else float("nan")
 
 # %% [markdown]
-# ## 2. The curves and the plateau rule
-# A number enters a table only with a note of whether its run finished learning: the final held-out Dice
-# within 0.01 of the maximum over the last third of the run, and not still rising (`E.plateau`).
+# ## 2. The curves and each run's status
+# A number enters a table only beside its run's status (`E.run_status`; notebook 04 explains the rule): each
+# held-out curve is smoothed over 3 evaluations, then `rising` when the smoothed end is more than 0.01 above
+# the smoothed start of the last third, `overfit` when the smoothed maximum is more than 0.02 above the
+# smoothed end, `flat` otherwise. Flat and overfit runs have finished learning; a rising one has not. Runs
+# ending below Dice 0.05 are listed.
 
 # %%
-pl = E.plateau_table(runs)
-runs["plateau"] = pl.ok.values
-print("runs that plateaued, per method: " + ", ".join(f"{m} {int(g.ok.sum())}/{len(g)}" for m, g in pl.groupby("method")))
+st = E.status_table(runs)
+runs["status"] = st.status.values
+print("run status, per method: " + E.status_line(E.status_counts(st)))
 fig = viz.cell_curves(E.curves_frame(runs), title=f"{source} -> {target}: held-out Dice, seeds {ctx.seeds}")
 ctx.save_fig(fig, "curves")
 plt.show()
@@ -126,7 +130,7 @@ cell.round(4)
 # The result file the sweep collects (written atomically: a killed run leaves none).
 E.write_csv(runs, ctx.out_dir / "result.csv")
 ctx.save_json({"source": source, "target": target, "n_slices": n_slices, "seeds": ctx.seeds,
-               "source_status": src_info["status"], "mean_dice": cell["mean"].round(4).to_dict()}, "cell")
+               "source_cache": src_info["status"], "source_status": src_status.get("status"), "mean_dice": cell["mean"].round(4).to_dict()}, "cell")
 print(f"wrote {ctx.out_dir / 'result.csv'} ({len(runs)} runs)")
 
 
@@ -145,5 +149,5 @@ nb06.q1.check(answer_q1)
 
 # %%
 print(nb06.q2.prompt)
-answer_q2 = None  # your answer: True or False
+answer_q2 = None  # your answer: "flat", "overfit" or "rising"
 nb06.q2.check(answer_q2)

@@ -33,9 +33,11 @@
 # stopped (finished units are recognised by a hash of everything that determines them).
 #
 # **What it reads by default.** `results/phantom-tutorial-v2/`, committed with the kit: Tables I, II and III and the
-# ablations on the phantom at the current tutorial budget (79 units, seeds 0, 1, 2). Many tumour runs (Table II, the
-# tumour ablations) do not finish learning at that budget, and section 2 counts them: read those tables as a
-# comparison after 400 iterations. `results/README.md` gives the figures and what is behind them.
+# ablations on the phantom at the tutorial budget of the time (79 units, seeds 0, 1, 2). Its tumour tables are
+# from the **previous tumour phantom** (12 / 12 / 5 / 5 subjects per partition, an almost invisible oedema on T2,
+# sources pre-trained with cross-entropy alone, which did not learn their own tasks): many tumour runs there did
+# not finish learning, and section 2 counts them; read those tables as a comparison after 400 iterations.
+# `results/README.md` gives the figures and what is behind them.
 #
 # **Its methods are the kit's earlier definitions.** That sweep ran before the kit read eq. (4) as the authors'
 # code does (notebooks 02-04): in it, `trm` is TRM on **per-image** maps (what is now `trm@map=image`) and
@@ -117,12 +119,13 @@ if (units.status == "failed").any():
 
 # %% [markdown]
 # ## 2. Did the runs finish learning?
-# The plateau rule of notebook 04, run by run: a table of numbers from runs that were still rising compares how
-# fast the methods learn, not where they end. Read the gains below in the light of this count.
+# Each run's status (notebook 04 states the rule): `flat` or `overfit` runs have finished learning, `rising`
+# ones have not; a table of numbers from rising runs compares how fast the methods learn, not where they end.
+# Runs ending below Dice 0.05 are counted per method. Read the gains below in the light of these counts.
 
 # %%
-if "plateau" in rep:
-    display(rep["plateau"])  # noqa: F821
+if "status" in rep:
+    display(rep["status"])  # noqa: F821
 
 # %% [markdown]
 # ## 3. The tables, study by study
@@ -165,7 +168,8 @@ if demo:
 # the sweeps committed before the two readings of eq. 4 (see the top of this notebook)
 if src.resolve() in {resolve_path(f"results/{d}").resolve() for d in ("phantom-tutorial", "phantom-tutorial-v2")}:
     caveat = ("this sweep predates the two readings of the map: its 'trm' is TRM on per-image maps (today's "
-              "trm@map=image) and its 'trs_map' the withdrawn weight 1 + H, not [22]'s exp(-T)")
+              "trm@map=image) and its 'trs_map' the withdrawn weight 1 + H, not [22]'s exp(-T); its tumour tables are "
+              "from the previous tumour phantom, whose sources did not learn their own tasks")
     print(caveat)
     (out / "caveat.txt").write_text(caveat + "\n")
 files = R.write_report(src, n_boot=n_boot, dest=out / "report")  # the sweep folder itself is left as it is

@@ -104,6 +104,62 @@ def test_modality_contrasts_invert():
     assert fl["CSF"] < fl["WM"] and fl["ED"] > fl["GM"]
 
 
+def test_tumour_contrasts_as_on_real_scans():
+    """Each modality shows what the real one shows (DESIGN.md section 3), measured on a rendered subject:
+    T2 oedema and core bright; FLAIR oedema bright, CSF dark; T1 core dark; T1ce enhancing rim bright."""
+    cfg = ph.make_config("fets2021", preset="tutorial")
+    v = ph.fets_subject(cfg, 14, 0)
+    seg, brain = v["seg"], v["t1"] > 0
+    normal = brain & (seg == 0)
+
+    def mean(mod, value):
+        return float(v[mod][(seg == value) & brain].mean())
+
+    for mod in ph.FETS_MODALITIES:
+        ref = float(v[mod][normal].mean())
+        ed, et, ncr = mean(mod, 2), mean(mod, 4), mean(mod, 1)
+        if mod == "t2":
+            assert ed > 1.3 * ref and ncr > 1.3 * ref and ncr > ed  # oedema and core bright
+        if mod == "flair":
+            assert ed > 1.4 * ref and ed > et > ncr
+        if mod == "t1":
+            assert ncr < 0.5 * ref and ed < ref  # core dark, oedema darker than tissue
+        if mod == "t1ce":
+            assert et > 1.8 * ref and et > ed and et > ncr  # the enhancing rim
+    fl = ph.FETS_CONTRAST["flair"]
+    assert fl["CSF"] < min(fl["GM"], fl["WM"]) < fl["ED"]  # FLAIR: CSF dark
+
+
+def test_tumour_variation_changes_only_the_tumour():
+    """``tumour_variation`` (a difficulty knob, 0 in every preset) varies each subject's tumour intensities
+    and adds a texture inside the lesion; the labels and everything outside the lesion stay the same."""
+    a = ph.fets_subject(ph.make_config("fets2021", preset="smoke"), 14, 0)
+    b = ph.fets_subject(ph.make_config("fets2021", preset="smoke", tumour_variation=0.3), 14, 0)
+    assert np.array_equal(a["seg"], b["seg"])
+    lesion = ndimage_dilate(a["seg"] > 0, 6)  # the blur (up to 4 sigma) carries a change a few voxels out
+    for mod in ph.FETS_MODALITIES:
+        assert np.allclose(a[mod][~lesion], b[mod][~lesion], rtol=1e-5, atol=1e-3), mod
+        assert not np.allclose(a[mod][a["seg"] > 0], b[mod][a["seg"] > 0])
+    assert ph.make_config("fets2021", preset="tutorial").tumour_variation == 0.0
+
+
+def ndimage_dilate(mask, n):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=n)
+
+
+def test_tumour_partitions_give_every_target_three_test_subjects():
+    """The real partitioning_2 holds 64 / 65 / 17 / 17 subjects in 13 / 14 / 17 / 18; the tutorial phantom
+    keeps those proportions at about half, so that every tumour target has at least 3 test subjects."""
+    from trm_utils.slices import split_subjects
+
+    tut = dict(ph.make_config("fets2021", preset="tutorial").fets_subjects)
+    assert tut == {13: 32, 14: 32, 17: 9, 18: 9}
+    for part, n in tut.items():
+        assert len(split_subjects(range(n), "test")) >= 3
+
+
 def test_deterministic_and_cached(tmp_path):
     a = make_phantom("iseg2019", tmp_path / "a", seed=5, **SMALL)
     b = make_phantom("iseg2019", tmp_path / "b", seed=5, **SMALL)

@@ -25,7 +25,7 @@ WRONG = {
     "nb05.q1": [(2.28, "off by"), (0.0228, "off by")],
     "nb05.q2": [(float(np.std([0.73, 0.74, 0.72])), "off by")],  # ddof=0
     "nb06.q1": [(4, "is not right"), (20.0, "whole number")],
-    "nb06.q2": [(False, "is not right"), ("yes", "True or False")],
+    "nb06.q2": [("flat", "is not right"), (True, "a string")],
     "nb07.q1": [((3, 2, 3), "entries [1, 2]"), ((3, 3), "tuple of 3")],
     "nb07.q2": [(4.37, "off by"), (0.018, "off by")],
 }

@@ -107,18 +107,33 @@ def test_few_shot_subset_differs_per_seed(phantom_root, tmp_path):
     assert list(zip(s0.subject_ids, s0.slice_index)) != list(zip(s1.subject_ids, s1.slice_index))
 
 
-def test_plateau_rule():
-    flat = [(100, 0.5), (700, 0.880), (800, 0.885), (900, 0.882), (1000, 0.884)]
-    assert E.plateau(flat)["ok"]
-    rising = [(100, 0.2), (700, 0.80), (800, 0.83), (900, 0.86), (1000, 0.89)]
-    p = E.plateau(rising)
-    assert not p["ok"] and p["rise"] == pytest.approx(0.09)  # still rising
-    dip = [(100, 0.2), (700, 0.88), (800, 0.90), (900, 0.86), (1000, 0.87)]
-    p = E.plateau(dip)
-    assert not p["ok"] and p["gap"] == pytest.approx(0.03)
-    assert not E.plateau([])["ok"]
-    df = pd.DataFrame([{"source": "A", "target": "B", "method": "trm", "seed": 0, "curve": "[[10, 0.1], [20, 0.3], [30, 0.2]]"}])
-    assert not E.plateau_table(df).ok.iloc[0]
+def test_run_status_rule():
+    its = [100 * k for k in range(1, 13)]
+    flat = list(zip(its, [0.5, 0.7, 0.8, 0.85, 0.87, 0.88, 0.88, 0.885, 0.882, 0.884, 0.881, 0.883]))
+    assert E.run_status(flat)["status"] == "flat"
+    # noisy but flat: raw swings of 0.03 between evaluations smooth away
+    noisy = list(zip(its, [0.5, 0.6, 0.62, 0.64, 0.61, 0.64, 0.61, 0.64, 0.61, 0.64, 0.61, 0.64]))
+    assert E.run_status(noisy)["status"] == "flat"
+    rising = list(zip(its, [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.78, 0.80, 0.82, 0.84, 0.86]))
+    st = E.run_status(rising)
+    # smoothed end (0.84) - smoothed value at iteration 800 (0.7767) > 0.01
+    assert st["status"] == "rising" and st["rise"] == pytest.approx(0.84 - (0.70 + 0.75 + 0.78) / 3)
+    peak = list(zip(its, [0.5, 0.7, 0.8, 0.82, 0.83, 0.82, 0.80, 0.79, 0.78, 0.78, 0.77, 0.77]))
+    st = E.run_status(peak)  # peaked and fell: finished learning, with its size
+    assert st["status"] == "overfit" and st["drop"] == pytest.approx((0.82 + 0.83 + 0.82) / 3 - (0.78 + 0.77 + 0.77) / 3)
+    # a smaller fall is flat; a rise in the last third wins over an earlier fall
+    assert E.run_status(list(zip(its, [0.5, 0.7, 0.8, 0.82, 0.83, 0.82, 0.82, 0.82, 0.82, 0.82, 0.81, 0.81])))["status"] == "flat"
+    assert E.run_status([])["status"] == "empty"
+    assert E.smooth_curve([0.0, 3.0, 6.0, 9.0]) == [0.0, 1.5, 3.0, 6.0]
+    df = pd.DataFrame([{"source": "A", "target": "B", "method": m, "seed": s, "dice": c[-1][1], "curve": json.dumps(c)}
+                       for m, cs in (("trm", [rising, peak]), ("vanilla", [flat, [(10, 0.01), (20, 0.02)]]))
+                       for s, c in enumerate(cs)])
+    counts = E.status_counts(df).set_index("method")
+    assert counts.loc["trm", ["runs", "flat", "overfit", "rising", "below_0.05"]].tolist() == [2, 0, 1, 1, 0]
+    assert counts.loc["vanilla", ["runs", "flat", "overfit", "rising", "below_0.05"]].tolist() == [2, 2, 0, 0, 1]
+    assert counts.loc["trm", "max_drop"] == pytest.approx(E.run_status(peak)["drop"])
+    line = E.status_line(counts.reset_index())
+    assert "trm: 0 flat, 1 overfit, 1 rising of 2 (largest drop 0.050)" in line and "1 below 0.05" in line
 
 
 def test_dice_at_and_early_vs_final():
@@ -155,3 +170,25 @@ def test_parse_method_variants():
                          ("trm@base=ten", "base must be a number"), ("nope", "unknown method")]:
         with pytest.raises(ValueError, match=match):
             E.parse_method(label)
+
+
+def test_prepare_sources_trains_the_missing_ones_in_workers(phantom_root, tmp_path):
+    """Sources trained side by side in worker processes (1 thread each) are cached and equal to the
+    same source trained in this process with 1 thread; cached ones are only loaded."""
+    cfg = E.get_preset("smoke", source_iterations=4)
+    jobs = [("iseg2019", phantom_root, "WM-T1"), ("iseg2019", phantom_root, "GM-T2")]
+    out = E.prepare_sources(jobs, cfg, device="cpu", cache_dir=tmp_path / "w", workers=2, log=None)
+    assert set(out) == {("iseg2019", "WM-T1"), ("iseg2019", "GM-T2")}
+    threads = max(1, (__import__("os").cpu_count() or 1) // 2)
+    assert all(info["status"].startswith("trained in a worker") for _, info in out.values())
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        here, info = E.source_model("iseg2019", phantom_root, "WM-T1", cfg, device="cpu", cache_dir=tmp_path / "here")
+    finally:
+        torch.set_num_threads(n)
+    assert info["status"] == "trained"
+    a, b = out[("iseg2019", "WM-T1")][0].state_dict(), here.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = E.prepare_sources(jobs, cfg, device="cpu", cache_dir=tmp_path / "w", workers=2, log=None)
+    assert all(info["status"] == "loaded" for _, info in again.values())

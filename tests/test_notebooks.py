@@ -112,8 +112,9 @@ def test_04_grid_outputs(smoke_run):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"tissue", "tumour"} and "trm@map=image_gain_pct" in summary["tissue"]
     assert (out / "fig2_risk_before_after.png").exists() and (out / "curves_tissue.png").exists()
-    pl = pd.read_csv(out / "plateau_tissue.csv")  # the plateau rule, run by run
-    assert len(pl) == 2 * 5 * 2 and set(pl.columns) >= {"ok", "final", "gap", "rise"}
+    st = pd.read_csv(out / "status_tissue.csv")  # each run's status
+    assert len(st) == 2 * 5 * 2 and set(st.status) <= {"flat", "overfit", "rising"}
+    assert set(st.columns) >= {"final", "rise", "drop", "below"}
     fig2 = pd.read_csv(out / "fig2_scores.csv")  # Fig. 2 from the grid's own models, dataset reading
     assert fig2.model.tolist() == ["source", "after vanilla", "after TRM"] and (fig2.T_max <= 1e-6).all()
     early = pd.read_csv(out / "early_vs_final_tissue.csv")
@@ -135,7 +136,7 @@ def test_06_transfer_cell_outputs(smoke_run):
     out = smoke_run[0] / "06_transfer_cell"
     runs = pd.read_csv(out / "result.csv")
     assert set(runs.method) == {"vanilla", "trm"} and sorted(runs.seed.unique()) == [0, 1]
-    assert set(runs.source) == {"WM-T2"} and set(runs.target) == {"WM-T1"} and runs.plateau.dtype == bool
+    assert set(runs.source) == {"WM-T2"} and set(runs.target) == {"WM-T1"} and set(runs.status) <= {"flat", "overfit", "rising"}
     assert (out / "curves.png").exists()
 
 

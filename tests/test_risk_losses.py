@@ -130,3 +130,28 @@ def test_trs_map_is_defined_on_the_dataset_reading_only():
         check_method_reading("trs_map", "image")
     with pytest.raises(ValueError, match="unknown map reading"):
         check_method_reading("trm", "pixel")
+
+
+def test_source_losses():
+    """Cross-entropy + soft Dice (the tumour sources' pre-training loss) against a hand computation."""
+    from trm_utils.losses import SOURCE_LOSSES, soft_dice_loss, source_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    p = logits.softmax(1)
+    dice = []
+    for c in (1, 2):
+        inter = (p[:, c] * (labels == c)).sum()
+        dice.append((2 * inter + 1) / (p[:, c].sum() + (labels == c).sum() + 1))
+    expected = 1 - (dice[0] + dice[1]) / 2
+    assert soft_dice_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert source_loss(logits, labels, "ce").item() == pytest.approx(ce.item())
+    assert source_loss(logits, labels, "ce_dice").item() == pytest.approx(ce.item() + expected.item(), rel=1e-6)
+    # a perfect prediction has Dice loss near 0
+    perfect = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(perfect, labels).item() < 1e-3
+    assert SOURCE_LOSSES == ("ce", "ce_dice")
+    with pytest.raises(ValueError, match="source loss must be one of"):
+        source_loss(logits, labels, "dice")

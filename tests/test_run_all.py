@@ -96,3 +96,22 @@ def test_workers_run_the_independent_notebooks_side_by_side(tmp_path):
         assert threads == str(expected), n  # 02 runs first with every core; the rest with their share
     assert spans["02_pixel_leep"][1] <= min(spans["x"][0], spans["y"][0])  # 02 (FIRST) ends before the others start
     assert spans["x"][0] < spans["y"][1] and spans["y"][0] < spans["x"][1]  # x and y overlap in time
+
+
+def test_stamp_follows_the_committed_checks_a_notebook_reads(tmp_path, monkeypatch):
+    """Notebook 04 prints the committed budget checks: a changed check file re-runs it, not notebook 03."""
+    from trm_utils import run_all as RA
+
+    cal = tmp_path / "results" / "calibration"
+    cal.mkdir(parents=True)
+    (cal / "tissue_budget_check.csv").write_text("a\n1\n")
+    monkeypatch.setattr(RA, "REPO_ROOT", tmp_path)
+    nbs = RA.REPO_ROOT.parent / "nbs"
+    nbs.mkdir()
+    for nb in ("04_weighted_finetuning", "03_risk_maps"):
+        (nbs / f"{nb}.py").write_text("# %%\nx = 1\n")
+    before = {nb: RA.notebook_stamp(nb, {}, nbs) for nb in ("04_weighted_finetuning", "03_risk_maps")}
+    (cal / "tissue_budget_check.csv").write_text("a\n2\n")
+    after = {nb: RA.notebook_stamp(nb, {}, nbs) for nb in ("04_weighted_finetuning", "03_risk_maps")}
+    assert after["04_weighted_finetuning"] != before["04_weighted_finetuning"]
+    assert after["03_risk_maps"] == before["03_risk_maps"]

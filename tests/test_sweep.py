@@ -257,8 +257,9 @@ def test_committed_phantom_sweep_reports(folder):
     for f in units:  # every method and seed of every unit
         u = json.loads(f.read_text())
         assert per_unit[u["uid"]] == (sorted(u["unit"]["methods"]), len(settings["seeds"])), u["uid"]
-    pl = rep["plateau"]  # counted per study, dataset and method; every run counted once
-    assert pl.runs.sum() == len(runs) and not pl.duplicated(["study", "dataset", "method"]).any()
+    st = rep["status"]  # counted per study, dataset and method; every run counted once
+    assert st.runs.sum() == len(runs) and not st.duplicated(["study", "dataset", "method"]).any()
+    assert (st[["flat", "overfit", "rising"]].sum(axis=1) == st.runs).all()
     for key, s in rep["studies"].items():
         assert {"vanilla", "trm"} <= set(s["gains"].index.get_level_values(-1))
         if s["study"] in ("table1", "table2"):  # the paper's Dice beside ours (Table III's are per size, the ablations have none)

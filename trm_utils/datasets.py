@@ -35,6 +35,11 @@ FETS_TO_CLASS = {0: 0, 1: 1, 2: 2, 4: 3}
 #: MSD label -> FeTS convention (1 edema -> ED 2, 2 non-enhancing -> NCR 1, 3 enhancing -> ET 4)
 MSD_TO_FETS = {0: 0, 1: 2, 2: 1, 3: 4}
 MSD_CHANNELS = {"FLAIR": 0, "T1": 1, "T1CE": 2, "T2": 3}
+#: The FeTS 2021 partitions the paper uses: ``partitioning_2.csv`` id -> ``partitioning_1.csv``
+#: institution, as in the real files (13 and 14 both from institution 1, 17 and 18 from 6; the real
+#: files hold 64 / 65 / 17 / 17 subjects in them). The phantom writes these; the task parser lists
+#: them when no data are open.
+FETS_PARTITIONS = {13: 1, 14: 1, 17: 6, 18: 6}
 TUMOUR_CLASSES = ("background", "NCR", "ED", "ET")
 HOW_TO_GET = ("run ./data_download.sh --help to fetch or import the real data, "
               "or use dataset='phantom' (./data_download.sh phantom)")
@@ -315,8 +320,6 @@ def parse_task(name: str, task: str, ds: Optional[_Dataset] = None):
             tissue, mod = task.upper().split("-")
             return "tissue", tissue, mod
     elif name == "fets2021":
-        from .phantom import FETS_PARTITIONS
-
         parts = ds.partitions if ds is not None else sorted(FETS_PARTITIONS)
         valid = [f"{p}-{m}" for p in parts for m in FeTS2021.modalities]
         m = re.match(r"^(\d+)-(T1|T1CE|T2|FLAIR)$", task.upper())

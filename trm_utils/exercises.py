@@ -228,13 +228,13 @@ def _few_std():
 
 
 #: notebook 06: a held-out curve
-TOY_CURVE = [(50, 0.60), (100, 0.70), (150, 0.74), (200, 0.762), (250, 0.768), (300, 0.77)]
+TOY_CURVE = [(50, 0.60), (100, 0.70), (150, 0.76), (200, 0.78), (250, 0.75), (300, 0.74), (350, 0.745), (400, 0.74)]
 
 
-def _toy_plateau():
-    from .experiments import plateau
+def _toy_status():
+    from .experiments import run_status
 
-    return bool(plateau(TOY_CURVE)["ok"])
+    return run_status(TOY_CURVE)["status"]
 
 
 #: notebook 07: per-cell Dice differences (TRM - vanilla) over a grid of 8 cells
@@ -330,11 +330,14 @@ nb06 = SimpleNamespace(
     q1=Exercise("nb06.q1", "A sweep unit with methods vanilla, trs_map, trm and trm@map=image and seeds 0-4: how many "
                 "fine-tuning runs does it train?", lambda: len([(m, s) for m in range(4) for s in range(5)]), compare_exact,
                 "One run per method and seed, all trained together by finetune_cell.", "answer = 4 * 5"),
-    q2=Exercise("nb06.q2", "Does the held-out curve TOY_CURVE (iteration, Dice) pass the plateau rule (True/False)?",
-                _toy_plateau, compare_exact,
-                "Over the last third of the run (iterations >= 200), the final Dice must be within 0.01 of the window's "
-                "maximum and no more than 0.01 above the window's first point.",
-                "answer = E.plateau(TOY_CURVE)['ok']   # window 200-300: no dip (0.77 is its maximum), rise 0.008 <= 0.01 -> True"),
+    q2=Exercise("nb06.q2", "What is the status of the held-out curve TOY_CURVE (iteration, Dice) by the run-status "
+                "rule: 'flat', 'overfit' or 'rising'?",
+                _toy_status, compare_exact,
+                "Smooth the Dice by a running mean over 3 evaluations. Rising: the smoothed end exceeds the smoothed value "
+                "at the start of the last third (the first evaluation at or after 2/3 of 400) by more than 0.01. Else "
+                "overfit: the smoothed maximum exceeds the smoothed end by more than 0.02. Else flat.",
+                "answer = E.run_status(TOY_CURVE)['status']   # smoothed: max 0.763 (at 250), 0.757 at 300, end 0.742: "
+                "no rise, drop 0.022 > 0.02 -> 'overfit'"),
 )
 
 nb07 = SimpleNamespace(

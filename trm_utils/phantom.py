@@ -21,9 +21,15 @@ the same loaders (``trm_utils.datasets``).
   ED, small satellites). The template is an adult brain: the infant contrast is painted on adult
   anatomy.
 
+The tumour contrasts follow real scans (DESIGN.md section 3): T2 shows the oedema and the tumour
+core bright (CSF brightest), FLAIR the oedema bright and CSF dark, T1 the core dark, T1ce the
+enhancing rim bright (``tests/test_data.py`` measures each on a rendered subject).
+
 The FeTS-like partitions mirror the real ``partitioning_2.csv``: partitions 13 and 14 both come
-from institution 1 of ``partitioning_1.csv`` and 17 and 18 both from institution 6, with 13/14
-much larger than 17/18; ids are zero-padded, rows end in CRLF and the file has no final newline.
+from institution 1 of ``partitioning_1.csv`` and 17 and 18 both from institution 6, in the real
+files' proportions (64 / 65 / 17 / 17 subjects; the tutorial preset writes 32 / 32 / 9 / 9, so
+every tumour target has at least 3 test subjects); ids are zero-padded, rows end in CRLF and the
+file has no final newline.
 Partitions of one institution share its acquisition settings. The real files do not say how an
 institution was split, so the phantom draws every subject's tumour size from one distribution.
 
@@ -44,7 +50,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .datasets import FETS_DIR, ISEG_DIR, ISEG_LABELS, MSD_DIR, MSD_TO_FETS, DataError
+from .datasets import FETS_DIR, FETS_PARTITIONS, ISEG_DIR, ISEG_LABELS, MSD_DIR, MSD_TO_FETS, DataError
 from .utils import REPO_ROOT, atomic_write_json
 
 #: FeTS label values
@@ -60,13 +66,12 @@ ISEG_CONTRAST = {
 FETS_CONTRAST = {
     "t1": {"CSF": 0.20, "GM": 0.60, "WM": 0.85, "ED": 0.52, "ET": 0.68, "NCR": 0.12},
     "t1ce": {"CSF": 0.22, "GM": 0.62, "WM": 0.84, "ED": 0.55, "ET": 1.45, "NCR": 0.15},
-    "t2": {"CSF": 1.00, "GM": 0.66, "WM": 0.45, "ED": 0.90, "ET": 0.60, "NCR": 1.35},
+    # T2: oedema and the tumour core bright (as on real T2), CSF brightest, the enhancing rim between
+    "t2": {"CSF": 1.40, "GM": 0.66, "WM": 0.45, "ED": 1.00, "ET": 0.75, "NCR": 1.65},
     "flair": {"CSF": 0.10, "GM": 0.58, "WM": 0.48, "ED": 1.05, "ET": 0.72, "NCR": 0.25},
 }
 FETS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
-#: partitioning_2 id -> partitioning_1 institution, as in the real FeTS 2021 files
-FETS_PARTITIONS = {13: 1, 14: 1, 17: 6, 18: 6}
 #: the oedema radius range (mm) of a main lesion, the same for every partition (see above); a
 #: 20-34 mm radius is a 34-165 cm3 lesion, around the whole-tumour volumes of BraTS-like data
 TUMOUR_RADIUS_MM = (20.0, 34.0)
@@ -81,7 +86,7 @@ NOTICE = REPO_ROOT / "reference" / "ICBM152_2009_NOTICE.txt"
 #: cerebellum's tip, a few pixels of brain that teach nothing).
 PRESETS = {
     # what 2 CPU cores afford: 3 mm voxels, about 45 slices with brain per subject
-    "tutorial": {"voxel_mm": 3, "n_subjects": 10, "fets_subjects": {13: 12, 14: 12, 17: 5, 18: 5},
+    "tutorial": {"voxel_mm": 3, "n_subjects": 10, "fets_subjects": {13: 32, 14: 32, 17: 9, 18: 9},
                  "min_brain_fraction": 0.25},
     # for a GPU: 1.5 mm voxels (resized to the paper preset's 192/240 px slices)
     "paper": {"voxel_mm": 1.5, "n_subjects": 10, "fets_subjects": {13: 32, 14: 33, 17: 9, 18: 9},
@@ -112,7 +117,7 @@ class PhantomConfig:
     seed: int = 0
     voxel_mm: float = 3.0
     n_subjects: int = 10
-    fets_subjects: tuple = ((13, 12), (14, 12), (17, 5), (18, 5))
+    fets_subjects: tuple = ((13, 32), (14, 32), (17, 9), (18, 9))
     min_brain_fraction: float = 0.25
     noise: float = 1.0  # scales every centre's noise level (difficulty knob)
     elastic_mm: float = 3.0
@@ -122,7 +127,8 @@ class PhantomConfig:
     flip: float = 0.5
     ventricle: float = 0.35
     tumour_radius_mm: tuple = TUMOUR_RADIUS_MM
-    version: int = 6
+    tumour_variation: float = 0.0  # log-sd of each subject's tumour intensities, and of a texture inside them
+    version: int = 7
     extra: dict = field(default_factory=dict)
 
     @property
@@ -133,6 +139,8 @@ class PhantomConfig:
         d = asdict(self)
         d["fets_subjects"] = [list(p) for p in self.fets_subjects]
         d["tumour_radius_mm"] = list(self.tumour_radius_mm)
+        # the contrast tables too: a phantom written with other contrasts is rewritten, not reused
+        d["contrast"] = {"iseg": ISEG_CONTRAST, "fets": FETS_CONTRAST}
         return d
 
 
@@ -364,10 +372,22 @@ def fets_subject(cfg: PhantomConfig, partition: int, index: int) -> dict:
     centre = centre_params(np.random.default_rng([cfg.seed, 2021, institution]))  # shared by an institution's partitions
     centre["scale"] *= 1 + 0.08 * rng.standard_normal()
     out = {"seg": seg}
+    jitter = {mod: {t: 1.0 for t in tum} for mod in FETS_MODALITIES}
+    if cfg.tumour_variation:
+        # real tumours differ from patient to patient and are heterogeneous inside: each subject's sub-region
+        # intensities vary (log-normal, per modality), and a smooth texture modulates them (a stream of its
+        # own, so the rest of the subject is the same whatever the variation)
+        vr = np.random.default_rng([cfg.seed, 2021, partition, index, 7])
+        v = float(cfg.tumour_variation)
+        jitter = {mod: {t: float(np.exp(v * vr.standard_normal())) for t in tum} for mod in FETS_MODALITIES}
+        texture = np.exp(v * _smooth_noise(vr, seg.shape, max(1.0, 4.0 / cfg.voxel_mm)))
+        for t in tum:
+            fuzzy[t] = fuzzy[t] * texture
     for mod in FETS_MODALITIES:
         # the adult T1 takes half its tissue contrast from the template's own T1 texture
         base = 0.5 * anat["t1"] * keep if mod == "t1" else None
-        contrast = {k: (0.5 * v if mod == "t1" and k in ("CSF", "GM", "WM") else v) for k, v in FETS_CONTRAST[mod].items()}
+        contrast = {k: (0.5 * v if mod == "t1" and k in ("CSF", "GM", "WM") else v * jitter[mod].get(k, 1.0))
+                    for k, v in FETS_CONTRAST[mod].items()}
         out[mod] = render(rng, fuzzy, contrast, centre, anat["mask"], cfg.noise, base=base)
     return _crop_z(cfg, out, anat["mask"])
 
@@ -383,7 +403,8 @@ def make_config(kind: str, seed: int = 0, preset: str = "tutorial", noise: float
     fs = p["fets_subjects"]
     fs = tuple(sorted((int(k), int(v)) for k, v in (fs.items() if isinstance(fs, dict) else fs)))
     return PhantomConfig(kind=kind, seed=int(seed), voxel_mm=float(p["voxel_mm"]), n_subjects=int(p["n_subjects"]),
-                         fets_subjects=fs, min_brain_fraction=float(p["min_brain_fraction"]), noise=float(noise))
+                         fets_subjects=fs, min_brain_fraction=float(p["min_brain_fraction"]), noise=float(noise),
+                         tumour_variation=float(p.get("tumour_variation", 0.0)))
 
 
 def make_phantom(kind: str, root, seed: int = 0, preset: str = "tutorial", noise: float = 1.0, force: bool = False,

@@ -14,8 +14,9 @@ reported, per study:
   the paper's gain beside;
 - TRM against each baseline over cells: win / tie / loss counts (a tie is |difference| <=
   ``TIE`` Dice) and the paired Wilcoxon signed-rank test of the cell means;
-- whether the runs plateaued (``experiments.plateau``), counted per method: a number from runs
-  that had not finished learning says how fast a method learns, not where it ends;
+- each run's status (``experiments.run_status``: flat / overfit / rising on the held-out curve
+  smoothed over 3 evaluations) and the runs ending below Dice 0.05, counted per method: a number
+  from runs still rising says how fast a method learns, not where it ends;
 - source ranking (Tables I, II): per target, Kendall's tau between each source's pixel-LEEP and
   the Dice fine-tuning from it reached, averaged over targets (only with >= 3 sources);
 - seaborn heatmaps of the grids and of the gains.
@@ -232,12 +233,11 @@ def fewshot_gains(runs: pd.DataFrame, sizes_map: dict, n_boot: int = 2000) -> pd
     return out
 
 
-def plateau_counts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per study, dataset and method: runs that plateaued / all runs, and runs that ended below Dice 0.05
-    (per dataset because a study such as the ablations spans the tissue and the tumour families)."""
-    r = runs.assign(plateaued=E.plateau_table(runs).ok.values, below=runs.dice < 0.05)
-    g = r.groupby(["study", "dataset", "method"], sort=False)
-    return pd.DataFrame({"runs": g.size(), "plateaued": g.plateaued.sum(), "below_0.05": g.below.sum()}).reset_index()
+def status_counts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per study, dataset and method: runs, how many are flat / overfit / rising (``experiments.run_status``),
+    how many ended below Dice 0.05, and the largest overfitting drop (per dataset because a study such
+    as the ablations spans the tissue and the tumour families)."""
+    return E.status_counts(runs, by=("study", "dataset", "method"))
 
 
 def source_ranking(runs: pd.DataFrame, method: str = "vanilla") -> pd.DataFrame:
@@ -357,7 +357,7 @@ def study_figure(s: dict):
 def markdown(df: pd.DataFrame, digits: int = 4, index: bool = False) -> str:
     """A pipe table (no extra dependency)."""
     d = df.reset_index() if index else df
-    counts = ("wins", "ties", "losses", "n_", "runs", "plateaued", "below", "seeds")
+    counts = ("wins", "ties", "losses", "n_", "runs", "flat", "overfit", "rising", "below", "seeds")
 
     def fmt(v, col):
         if v is None or v is pd.NA:
@@ -390,7 +390,7 @@ def build_report(out, n_boot: int = 2000) -> dict:
     rep = {"settings": settings, "units": units, "runs": runs, "studies": {}}
     if runs.empty:
         return rep
-    rep["plateau"] = plateau_counts(runs)
+    rep["status"] = status_counts(runs)
     for study, r in runs.groupby("study", sort=False):
         for name, rr in r.groupby("dataset", sort=False):
             key = f"{study}_{name}"
@@ -450,11 +450,13 @@ def report_text(rep: dict) -> str:
         lines += ["## Failed units", ""] + [f"- {u.uid}: {u.error}" for u in failed.itertuples()] + [""]
     if rep["studies"]:
         lines += ["## Headline", "", "```", *headline(rep), "```", ""]
-    if "plateau" in rep:
-        lines += ["## Did the runs finish learning? (plateau rule)", "",
-                  "A run plateaued when its final held-out Dice is within 0.01 of the maximum over the last third "
-                  "of the run and rose by no more than 0.01 over it; a gain from runs that had not is a statement "
-                  "about how fast the methods learn, not where they end.", "", markdown(rep["plateau"]), ""]
+    if "status" in rep:
+        lines += ["## Did the runs finish learning? (each run's status)", "",
+                  "Each held-out curve is smoothed by a running mean over 3 evaluations: `rising` when the smoothed "
+                  f"end is more than {E.RISING_TOL} above the smoothed start of the last third, `overfit` when the smoothed "
+                  f"maximum is more than {E.OVERFIT_TOL} above the smoothed end (finished learning; `max_drop` is the "
+                  "largest such drop), `flat` otherwise. A gain from rising runs is a statement about how fast the "
+                  "methods learn, not where they end.", "", markdown(rep["status"]), ""]
     for key, s in rep["studies"].items():
         lines += [f"## {TITLES.get(s['study'], s['study'])}: {s['dataset']}", "", "### Gains", "",
                   markdown(s["gains"].reset_index(), 4), ""]
@@ -488,8 +490,8 @@ def write_report(out, n_boot: int = 2000, dest=None) -> list:
     d = resolve_path(dest) if dest is not None else out / "report"
     files = [atomic_write_text(d / "report.md", report_text(rep))]
     files.append(E.write_csv(rep["units"].drop(columns=["dir"]), d / "units.csv"))
-    if "plateau" in rep:
-        files.append(E.write_csv(rep["plateau"], d / "plateau.csv"))
+    if "status" in rep:
+        files.append(E.write_csv(rep["status"], d / "status.csv"))
     for key, s in rep["studies"].items():
         files.append(E.write_csv(s["grid"], d / f"{key}_grid.csv"))
         files.append(E.write_csv(s["gains"].reset_index(), d / f"{key}_gains.csv"))

@@ -9,7 +9,8 @@ Parameters given with ``-p`` are injected into every notebook that declares them
 **Incremental.** A notebook is re-executed only when its content stamp changed since its last
 successful run in that folder (``runs/<name>/stamps.json``): a hash of the notebook's source
 (``.py``), of every ``trm_utils`` module it imports (followed through the package's own imports),
-and of the parameters injected into it. The notebooks do not read each other's outputs (the
+of the parameters injected into it, and of the committed results it reads (``DATA_INPUTS``: the
+budget checks in ``results/calibration/``). The notebooks do not read each other's outputs (the
 source models they share are cached by a key of everything that determines them, and rebuilt when
 missing), so no notebook depends on another's run: a one-line change to one notebook re-executes
 that notebook alone, a change to a shared module every notebook that imports it. ``--force``
@@ -88,6 +89,11 @@ def module_closure(source: str, package: str = "trm_utils") -> list:
     return sorted(seen)
 
 
+#: Committed result folders a notebook reads (their files are part of its stamp): the budget checks'
+#: verdicts printed by notebooks 04 and 05, and the committed tumour table notebook 04 shows.
+DATA_INPUTS = {"04_weighted_finetuning": ("results/calibration",), "05_few_shot": ("results/calibration",)}
+
+
 def notebook_stamp(nb: str, params: dict, nb_dir=None) -> str:
     """The content stamp of notebook ``nb`` run with ``params`` (module docstring)."""
     nb_dir = Path(nb_dir or REPO_ROOT / "notebooks")
@@ -97,6 +103,10 @@ def notebook_stamp(nb: str, params: dict, nb_dir=None) -> str:
     for m in module_closure(text):
         h.update(f"\0{m}\0".encode() + (REPO_ROOT / "trm_utils" / f"{m}.py").read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    for d in DATA_INPUTS.get(nb, ()):  # committed results a notebook reads
+        for f in sorted((REPO_ROOT / d).glob("*")):
+            if f.is_file():
+                h.update(f"\0{f.name}\0".encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -226,7 +236,11 @@ def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, l
 
 
 def summary_text(out: Path) -> str:
-    """The per-method summary of notebook 04 (and the few-shot gains of notebook 05)."""
+    """The per-method summary of notebook 04 (and the few-shot gains of notebook 05), each run's status
+    and the committed budget checks' verdicts."""
+    from .budget import FAMILIES, verdict_text
+    from .experiments import status_counts, status_line
+
     lines = []
     d4 = out / "04_weighted_finetuning"
     for f in sorted(d4.glob("summary_*.csv")):
@@ -236,6 +250,9 @@ def summary_text(out: Path) -> str:
         lines.append(f"  {'method':<15}{'dice':>8}{'± std':>9}{'gain vs vanilla':>17}{'cells won':>11}")
         for m, r in s.iterrows():
             lines.append(f"  {m:<15}{r.dice_mean:>8.4f}{r.dice_std:>9.4f}{r.gain_pct:>+16.2f}%{int(r.cells_won):>11}")
+    for f in sorted(d4.glob("status_*.csv")) + sorted((out / "05_few_shot").glob("fewshot_status.csv")):
+        st = pd.read_csv(f)
+        lines.append(f"{f.stem.replace('status_', '')}: run status: " + status_line(status_counts(st)))
     f5 = out / "05_few_shot" / "fewshot_summary.csv"
     if f5.exists():
         s = pd.read_csv(f5)
@@ -243,6 +260,10 @@ def summary_text(out: Path) -> str:
         for r in s.itertuples():
             lines.append(f"  {int(r.n_slices):>4} slices: vanilla {r.vanilla:.4f} ± {r.vanilla_std:.4f}  "
                          f"TRM {r.trm:.4f} ± {r.trm_std:.4f}  ({r.gain_pct:+.2f}%)")
+    lines.append("budget checks (results/calibration, committed; the rule: doubling the budget changes no method's "
+                 "mean Dice by more than 0.01 nor its gain by more than 1 point):")
+    for fam in FAMILIES:
+        lines += ["  " + ln for ln in verdict_text(fam).splitlines()]
     f7 = out / "07_reproduce_paper" / "report" / "report.md"
     if f7.exists():
         text = f7.read_text()

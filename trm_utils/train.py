@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .losses import check_method_reading, class_weights, get_method, method_loss
+from .losses import SOURCE_LOSSES, check_method_reading, class_weights, get_method, method_loss, source_loss
 from .maps import LossMaps, loss_maps, transferability, transferability_maps  # noqa: F401 (transferability: kept importable here)
 from .metrics import dice_counts, dice_from_counts
 from .unet import UNet2D, freeze_encoder, reset_head
@@ -156,18 +156,23 @@ def train_source(
     eval_data=None,
     eval_every: Optional[int] = None,
     lr_decay: Optional[float] = None,
+    loss: str = "ce",
 ) -> dict:
-    """Pre-train ``model`` (all layers, plain cross-entropy, Adam) on the source task, in place.
+    """Pre-train ``model`` (all layers, Adam) on the source task, in place.
 
-    The paper does not state its source learning rate; 1e-3 is our choice. ``eval_data`` /
+    The paper states neither its source learning rate nor its source loss; 1e-3 and ``loss``
+    are our choices: ``"ce"`` (cross-entropy) or ``"ce_dice"`` (cross-entropy + soft Dice,
+    ``losses.soft_dice_loss``; the tutorial preset's choice for the tumour sources). ``eval_data`` /
     ``eval_every``: the source task's held-out Dice every k iterations (the curve that shows the
     source finished learning; never used to pick a model). ``lr_decay``: see ``finetune``.
     Returns a history ``{"loss": [...], "eval": [...], "seconds": float}``; saves
     ``{"state_dict", "history"}`` atomically to ``checkpoint_path`` when given.
     """
+    if loss not in SOURCE_LOSSES:
+        raise ValueError(f"source loss must be one of {SOURCE_LOSSES}, got {loss!r}")
     return _fit(model, data, "vanilla", iterations, lr, batch_size, device=device, seed=seed,
                 show_progress=show_progress, checkpoint_path=checkpoint_path, desc="source",
-                eval_data=eval_data, eval_every=eval_every, lr_decay=lr_decay)
+                eval_data=eval_data, eval_every=eval_every, lr_decay=lr_decay, source_loss_name=loss)
 
 
 def _prepare_maps(maps, model, images, labels, c_t, reading, patch, device) -> LossMaps:
@@ -253,7 +258,7 @@ def finetune(
 
 def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_progress, checkpoint_path, desc,
          maps=None, class_weight=None, base=10.0, refresh_every=None, eval_data=None, eval_every=None,
-         num_classes=None, lr_decay=None, patch=1) -> dict:
+         num_classes=None, lr_decay=None, patch=1, source_loss_name=None) -> dict:
     if int(iterations) < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if lr <= 0 or batch_size < 1:
@@ -273,7 +278,10 @@ def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_
         idx = batches.next()
         x, y = images[idx].to(device), labels[idx].to(device)
         t, h = maps.batch(idx) if maps is not None else (None, None)
-        loss = method_loss(method, model(x), y, hardness=h, class_weight=class_weight, base=base, tmap=t)
+        if source_loss_name is not None:  # source pre-training
+            loss = source_loss(model(x), y, source_loss_name)
+        else:
+            loss = method_loss(method, model(x), y, hardness=h, class_weight=class_weight, base=base, tmap=t)
         for g in opt.param_groups:
             g["lr"] = lr_at(it, int(iterations), lr, lr_decay)
         opt.zero_grad(set_to_none=True)

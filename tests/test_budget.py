@@ -1,0 +1,119 @@
+"""The budget check (doubling rule): its settings, its verdict, the script, and the committed checks."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from trm_utils import budget as B
+from trm_utils import experiments as E
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_budget_cfg_doubles_the_run_and_keeps_its_shape():
+    t, t2 = B.budget_cfg("tissue", "tutorial", 1), B.budget_cfg("tissue", "tutorial", 2)
+    assert t2["iterations"] == 2 * t["iterations"] and t2["eval_every"] == 2 * t["eval_every"]
+    assert t2["lr_decay"] == t["lr_decay"] and t2["lr"] == t["lr"]
+    few = B.budget_cfg("fewshot", "tutorial", 1)  # the few-shot study's own budget
+    assert few["iterations"] == E.PRESETS["tutorial"]["fewshot"]["iterations"] and "fewshot" not in few
+    with pytest.raises(ValueError, match="unknown budget family 'tumor'"):
+        B.budget_cfg("tumor")
+
+
+def _runs(budget, dice_by_method, its, family="tissue", n_slices=None):
+    rows = []
+    for m, vals in dice_by_method.items():
+        for cell, (src, d) in enumerate(zip(("A", "B"), vals)):
+            for seed in (0, 1, 2):
+                v = d + 0.001 * seed
+                rows.append({"source": src, "target": "T", "method": m, "seed": seed, "dice": v, "iterations": its,
+                             "curve": json.dumps([[its // 3, v], [2 * its // 3, v], [its, v]]), "budget": budget,
+                             "family": family, "n_slices": n_slices})
+    return pd.DataFrame(rows)
+
+
+def test_compare_accepts_a_budget_only_within_both_limits():
+    base = {"vanilla": (0.80, 0.70), "trm": (0.81, 0.71)}
+    # doubling moves every Dice by 0.005 and the gain by about 0.0 points: accepted
+    same = {m: tuple(v + 0.005 for v in d) for m, d in base.items()}
+    t = B.compare(pd.concat([_runs("T", base, 100), _runs("2T", same, 200)]))
+    assert t.accepted.all() and t.ok.all() and list(t.method) == ["vanilla", "trm"]
+    assert t.d_dice.tolist() == pytest.approx([0.005, 0.005])
+    assert (t.iterations_T == 100).all() and (t.iterations_2T == 200).all() and (t.flat_T == 6).all()
+    # trm gains 0.015 at 2T: its Dice moves by more than 0.01, and its gain by about 2 points
+    moved = {"vanilla": base["vanilla"], "trm": tuple(v + 0.015 for v in base["trm"])}
+    t = B.compare(pd.concat([_runs("T", base, 100), _runs("2T", moved, 200)]))
+    assert not t.accepted.any() and t.set_index("method").ok.tolist() == [True, False]
+    assert t.set_index("method").loc["trm", "d_gain"] == pytest.approx(100 * 0.015 / 0.75, abs=0.05)
+    # a gain that moves by more than 1 point with every Dice within 0.01 fails too
+    g = {"vanilla": (0.40, 0.40), "trm": (0.40, 0.40)}
+    g2 = {"vanilla": (0.395, 0.395), "trm": (0.405, 0.405)}
+    t = B.compare(pd.concat([_runs("T", g, 100), _runs("2T", g2, 200)])).set_index("method")
+    assert abs(t.loc["trm", "d_dice"]) <= 0.01 and t.loc["trm", "d_gain"] > 1 and not t.loc["trm", "ok"]
+    # few-shot: one verdict row per (size, method)
+    runs = pd.concat([_runs(b, base, it, "fewshot", n) for b, it in (("T", 100), ("2T", 200)) for n in (100, 25)])
+    t = B.compare(runs)
+    assert list(zip(t.n_slices, t.method)) == [(100, "vanilla"), (100, "trm"), (25, "vanilla"), (25, "trm")]
+
+
+def test_check_grid_and_sources_run_both_budgets(phantom_root, cache_dir, monkeypatch):
+    monkeypatch.setenv("TRM_CACHE_DIR", str(cache_dir))
+    table, runs = B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None)
+    assert sorted(runs.iterations.unique()) == [6, 12] and set(runs.budget) == {"T", "2T"}
+    assert len(runs) == 2 * 2 * len(B.FAMILIES["tissue"]["methods"]) * 2  # budgets x cells x methods x seeds
+    assert list(table.method) == B.FAMILIES["tissue"]["methods"] and table.accepted.nunique() == 1
+    assert set(table.columns) >= {"dice_mean_T", "dice_mean_2T", "gain_pct_T", "gain_pct_2T", "rising_T", "overfit_2T",
+                                  "below_0.05_T", "d_dice", "d_gain", "ok", "accepted"}
+    src = B.check_sources("tissue", "smoke", root=phantom_root, log=None)
+    assert list(src.source) == E.grid_tasks("iseg2019", "smoke")[0]
+    assert (src.iterations_2T == 2 * src.iterations_T).all() and src.dice_T.between(0, 1).all()
+    assert len(list(Path(cache_dir, "sources").glob("*.pt"))) == 2 * len(src)  # both budgets cached
+
+
+def test_script_writes_the_check_and_the_verdict(tmp_path):
+    out = tmp_path / "cal"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "budget_check.py"), "fewshot", "--preset", "smoke",
+                          "--seeds", "0,1", "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ,
+                                                                       "TRM_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    chk = B.load_check("fewshot", out)
+    assert len(chk["grid"]) == 2 * 2 and set(chk["grid"].n_slices) == {100, 25}
+    assert chk["meta"]["preset"] == "smoke" and chk["meta"]["seeds"] == [0, 1]
+    text = B.verdict_text("fewshot", out)
+    assert re.search(r"fewshot: fine-tuning budget 6 iterations (ACCEPTED|NOT accepted)", text)
+    assert "budget_check.py fewshot" in text and "STALE" not in text
+
+
+def test_notebook_defaults_are_the_checked_grids():
+    """Notebooks 04 and 05 report the grids the budget check checks (same methods, seeds, sizes)."""
+    import ast
+
+    def params(nb):
+        src = (REPO / "notebooks" / nb).read_text()
+        cell = src.split('# %% tags=["parameters"]')[1].split("# %%")[0]
+        return {t.id: ast.literal_eval(n.value) for n in ast.parse(cell).body if isinstance(n, ast.Assign)
+                for t in n.targets}
+
+    p4, p5 = params("04_weighted_finetuning.py"), params("05_few_shot.py")
+    assert p4["methods"] == B.FAMILIES["tissue"]["methods"] == B.FAMILIES["tumour"]["methods"]
+    assert p5["methods"] == B.FAMILIES["fewshot"]["methods"] and p5["fewshot_source"] == B.FAMILIES["fewshot"]["sources"][0]
+    assert p4["seeds"] == p5["seeds"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", list(B.FAMILIES))
+def test_committed_check_is_for_the_current_budget(family):
+    """The committed check (results/calibration) was made at the preset's current budget, on the
+    main job's grid; its verdict is what the notebooks print."""
+    chk = B.load_check(family)
+    if chk["grid"] is None:
+        pytest.skip(f"no committed {family} check")
+    g = chk["grid"]
+    assert int(g.iterations_T.iloc[0]) == B.budget_cfg(family, "tutorial", 1)["iterations"]
+    assert list(dict.fromkeys(g.method)) == B.FAMILIES[family]["methods"]
+    assert chk["meta"]["seeds"] == [0, 1, 2] and chk["meta"]["preset"] == "tutorial"
+    assert "STALE" not in B.verdict_text(family)
