@@ -27,8 +27,8 @@
 # more than 0.01 and no gain over vanilla by more than 1 point (`benchmarks/budget_check.py`, committed in
 # `results/calibration/`, printed in section 2.1 beside each run's status). The main job fine-tunes the
 # tissue grid; the tumour grid (`tumour_max_sources=None`, about 8 more minutes) is left out of it to keep
-# the main job within 20 minutes, and its committed tumour table is shown instead (section 3.5), from the
-# budget check's own runs at the tutorial budget.
+# the main job within 20 minutes; section 3.5 shows the committed tumour table instead (the budget check's own
+# runs at the tutorial budget) when one is committed, and says so when none is.
 # The `paper` preset (classic U-Net, 5k iterations, full 6 × 6 grids) needs a GPU: roughly 1-2 GPU-hours per
 # dataset.
 
