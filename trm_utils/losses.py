@@ -76,7 +76,7 @@ def weighted_cross_entropy(logits, labels, pixel_weight=None, normalize: str = "
 def soft_dice_loss(logits, labels, smooth: float = 1.0) -> torch.Tensor:
     """1 - the mean soft Dice over the foreground classes 1..C-1, pooled over the batch's pixels.
 
-    Used only for pre-training the tumour sources (``SOURCE_LOSSES["ce_dice"]``), never in the
+    Used only for pre-training the tumour sources (``source_loss(..., "ce_dice")``), never in the
     fine-tuning methods compared by the paper: with cross-entropy alone the tutorial's small U-Net
     learns only the oedema of a tumour source's four classes (a T2 source: mean Dice 0.17 after
     1500 iterations, NCR and ET at 0), with cross-entropy + Dice all three sub-regions.
@@ -95,10 +95,16 @@ def soft_dice_loss(logits, labels, smooth: float = 1.0) -> torch.Tensor:
 SOURCE_LOSSES = ("ce", "ce_dice")
 
 
-def source_loss(logits, labels, loss: str = "ce") -> torch.Tensor:
-    """The source pre-training loss ``loss`` (one of ``SOURCE_LOSSES``)."""
+def check_source_loss(loss: str) -> str:
+    """``loss`` if it is one of ``SOURCE_LOSSES``, else a one-line error naming the choices."""
     if loss not in SOURCE_LOSSES:
         raise ValueError(f"source loss must be one of {SOURCE_LOSSES}, got {loss!r}")
+    return loss
+
+
+def source_loss(logits, labels, loss: str = "ce") -> torch.Tensor:
+    """The source pre-training loss ``loss`` (one of ``SOURCE_LOSSES``)."""
+    check_source_loss(loss)
     ce = F.cross_entropy(logits, labels.long())
     return ce + soft_dice_loss(logits, labels) if loss == "ce_dice" else ce
 

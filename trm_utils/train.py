@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .losses import SOURCE_LOSSES, check_method_reading, class_weights, get_method, method_loss, source_loss
+from .losses import check_method_reading, check_source_loss, class_weights, get_method, method_loss, source_loss
 from .maps import LossMaps, loss_maps, transferability, transferability_maps  # noqa: F401 (transferability: kept importable here)
 from .metrics import dice_counts, dice_from_counts
 from .unet import UNet2D, freeze_encoder, reset_head
@@ -168,8 +168,7 @@ def train_source(
     Returns a history ``{"loss": [...], "eval": [...], "seconds": float}``; saves
     ``{"state_dict", "history"}`` atomically to ``checkpoint_path`` when given.
     """
-    if loss not in SOURCE_LOSSES:
-        raise ValueError(f"source loss must be one of {SOURCE_LOSSES}, got {loss!r}")
+    check_source_loss(loss)  # before any training, not at the first step
     return _fit(model, data, "vanilla", iterations, lr, batch_size, device=device, seed=seed,
                 show_progress=show_progress, checkpoint_path=checkpoint_path, desc="source",
                 eval_data=eval_data, eval_every=eval_every, lr_decay=lr_decay, source_loss_name=loss)
