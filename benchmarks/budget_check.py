@@ -28,7 +28,6 @@ cached too.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -75,15 +74,15 @@ def main(argv=None) -> int:
     if not a.skip_sources:
         ts = time.perf_counter()
         src = B.check_sources(a.family, a.preset, a.data_dir, factor=a.factor, log=print)
-        B.write_atomic_csv(src, out / f"{a.family}_sources_budget_check.csv")
+        E.write_csv(src, out / f"{a.family}_sources_budget_check.csv")
         meta["sources_seconds"] = round(time.perf_counter() - ts, 1)
         meta["sources_accepted"] = bool(src.ok.all())
         print(src.round(4).to_string(index=False))
     if not a.skip_grid:
         tg = time.perf_counter()
         table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print)
-        B.write_atomic_csv(table, out / f"{a.family}_budget_check.csv")
-        B.write_atomic_csv(runs, out / f"{a.family}_budget_runs.csv")
+        E.write_csv(table, out / f"{a.family}_budget_check.csv")
+        E.write_csv(runs, out / f"{a.family}_budget_runs.csv")
         meta["grid_seconds"] = round(time.perf_counter() - tg, 1)
         meta["grid_accepted"] = bool(table.accepted.iloc[0])
         print(table.round(4).to_string(index=False))

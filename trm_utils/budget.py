@@ -160,11 +160,6 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-def write_atomic_csv(df: pd.DataFrame, path) -> Path:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return E.write_csv(df, path)
-
-
 def load_check(family: str, folder=None) -> dict:
     """The committed check of ``family``: ``{"grid", "sources", "meta"}`` (None where missing)."""
     folder = Path(folder) if folder is not None else CHECK_DIR
