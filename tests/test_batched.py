@@ -145,3 +145,84 @@ def test_lr_decay_schedule_and_equivalence(cell):
     plain = finetune_cell(cell["src"], cell["data"], [("trm", 0)], iterations=12, lr=1e-3, batch_size=4,
                           show_progress=False)[0]
     assert plain["loss"][:7] == pytest.approx(got["loss"][:7], rel=1e-5) and plain["loss"][-1] != got["loss"][-1]
+
+
+def test_grouping_gives_the_same_runs(cell):
+    """Runs split into groups trained one after another get exactly what they get all together."""
+    runs = [("trm", 0), ("vanilla", 1), ("class_weight", 0), ("trm", 1, {"reading": "image", "refresh_every": 4}),
+            ("trs_map", 2)]
+    kw = dict(iterations=8, lr=1e-3, batch_size=4, eval_data=cell["data"], eval_every=4, show_progress=False,
+              return_models=True, lr_decay=0.5)
+    ref, ref_models = finetune_cell(cell["src"], cell["data"], runs, group_size=len(runs), **kw)
+    assert ref[0]["group_size"] == len(runs)
+    for g in (1, 2, 3):
+        got, models = finetune_cell(cell["src"], cell["data"], runs, group_size=g, **kw)
+        assert got[0]["group_size"] == g and len(models) == len(runs)
+        for a, b, ma, mb in zip(ref, got, ref_models, models):
+            assert (a["method"], a["seed"]) == (b["method"], b["seed"])
+            assert a["loss"] == b["loss"], f"group size {g}: {a['method']} seed {a['seed']} differs"
+            assert [e["dice"] for e in a["eval"]] == [e["dice"] for e in b["eval"]]
+            for (n, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
+                assert torch.equal(x, y), n
+
+
+def test_group_size_auto_and_the_memory_budget(cell):
+    from trm_utils.batched import cell_memory, plan_group_size
+
+    src, data = cell["src"], cell["data"]
+    runs = [("vanilla", s) for s in range(4)]
+    kw = dict(iterations=2, lr=1e-3, batch_size=4, show_progress=False)
+    assert finetune_cell(src, data, runs, **kw)[0]["group_size"] == 4  # small runs, plenty of memory: all together
+    assert finetune_cell(src, data, runs, cache_budget_mb=0, **kw)[0]["group_size"] == 4
+    # a budget that fits two runs but not three
+    mem = lambda g: cell_memory(src, 16, 16, 4, g, 20, 3)  # noqa: E731
+    budget_mb = (mem(2)["peak"] + mem(3)["peak"]) / 2 / 2**20
+    assert finetune_cell(src, data, runs, memory_budget_mb=budget_mb, **kw)[0]["group_size"] == 2
+    with pytest.raises(MemoryError, match=r"a group of 1 run\(s\) needs about .* MB but the memory budget is .*memory_budget_mb"):
+        finetune_cell(src, data, runs, memory_budget_mb=mem(1)["peak"] / 2 / 2**20, **kw)
+    with pytest.raises(MemoryError, match="lower group_size"):
+        finetune_cell(src, data, runs, memory_budget_mb=budget_mb, group_size=3, **kw)
+    with pytest.raises(ValueError, match="group_size must be"):
+        plan_group_size(4, mem, 10**9, torch.device("cpu"), group_size=0)
+    # on the CPU, runs whose step keeps more than CPU_GROUP_MAX_ACTIVATION_MB go one at a time (the measured
+    # rule); on a GPU they are grouped as memory allows
+    from trm_utils.unet import UNet2D
+
+    paper = UNet2D(1, 4, 64, 4)
+    pmem = lambda g: cell_memory(paper, 240, 240, 8, g, 0, 4, 100)  # noqa: E731
+    assert pmem(1)["activations_per_run"] > 1000 * 2**20
+    assert plan_group_size(12, pmem, 80 * 2**30, torch.device("cpu")) == 1
+    assert plan_group_size(12, pmem, 80 * 2**30, torch.device("cuda")) == 12
+    assert plan_group_size(12, pmem, 15 * 2**30, torch.device("cuda")) == 9
+    with pytest.raises(ValueError, match="memory_budget_mb must be > 0"):
+        finetune_cell(src, data, runs, memory_budget_mb=-1, **kw)
+
+
+def test_memory_model_terms():
+    """The model's terms, counted by hand for a depth-1 U-Net (base 2 channels, 4 x 4 px, 3 classes)."""
+    from trm_utils.batched import backward_transient_bytes, cell_memory, param_bytes, step_activation_bytes
+    from trm_utils.unet import UNet2D, freeze_encoder
+
+    m = freeze_encoder(UNet2D(1, 3, base_channels=2, depth=1))
+    # level 0: 2 channels x 16 px; bottleneck: 4 channels x 4 px; batch 5
+    assert step_activation_bytes(m, 4, 4, 5, 3) == 4 * 5 * (6 * 2 * 16 + 4 * 4 + 3 * 3 * 16)
+    assert backward_transient_bytes(m, 4, 4, 5) == 4 * 5 * 2 * 2 * 16
+    dec = sum(p.numel() for p in m.parameters() if p.requires_grad) * 4
+    assert param_bytes(m, trainable=True) == dec
+    assert param_bytes(m) == sum(t.numel() * 4 for t in list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]) \
+        + sum(b.numel() * b.element_size() for b in m.buffers() if not b.is_floating_point())
+    one, three = cell_memory(m, 4, 4, 5, 1, 10, 3), cell_memory(m, 4, 4, 5, 3, 10, 3)
+    assert three["peak"] - one["peak"] == 2 * one["per_run"]
+    assert one["per_run"] == param_bytes(m) + 3 * dec + step_activation_bytes(m, 4, 4, 5, 3)
+    assert one["eval"] == 0 and one["peak"] == one["shared"] + one["per_run"] + backward_transient_bytes(m, 4, 4, 5)
+
+
+@pytest.mark.parametrize("preset,groups", [("tutorial", (1, 4)), ("paper", (1, 2))])
+def test_memory_model_within_20_percent_of_measured_peaks(preset, groups):
+    """``cell_memory`` against the peak resident memory of a real cell in a fresh process, at both
+    presets' U-Net and image size (the paper's: base 64, 240 px, batch 8; about 2 and 3.5 GB)."""
+    from benchmarks.memory_model import measure
+
+    for g in groups:
+        r = measure(preset, g)
+        assert 0.8 <= r["ratio"] <= 1.2, f"measured {r['measured_mb']:.0f} MB, predicted {r['predicted_mb']:.0f} MB: {r}"

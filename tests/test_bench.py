@@ -37,3 +37,22 @@ def test_bench_fast_writes_all_keys(tmp_path):
         f = res["map_cost_fraction_of_forward"][preset]
         assert f["image"] > 0 and f["dataset"] > 0
     assert "dataset-level map (patch" in r.stdout
+
+
+def test_gpu_check_runs_small_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --small: every group size timed, the FeTS cell run by both engines
+    (their Dice agree), the estimates written."""
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--small", "--device", "cpu", "--data-dir",
+                        str(tmp_path / "data"), "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       cwd=str(REPO_ROOT))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert [s["group"] for s in res["steps"]] == [1, 2, "auto"]
+    for s in res["steps"]:
+        assert s["seconds_per_iteration_per_run"] > 0 and s["predicted_mb"] > 0 and s["group_size_used"] == s["runs"]
+    cell = res["fets_cell"]
+    assert set(cell["runs"]) == {"vanilla", "trm"} and cell["max_dice_difference"] < 1e-4
+    assert res["estimates"]["seconds_per_5000_iterations_per_run"] > 0
+    assert res["estimates"]["runs_per_group_15gb"] >= 1
+    assert "FeTS cell 14-FLAIR -> 18-FLAIR" in r.stdout

@@ -73,6 +73,9 @@ def test_source_model_cache(phantom_root, tmp_path):
         assert (a == b).all()
     _, info3 = E.source_model("iseg2019", phantom_root, "GM-T1", E.get_preset("smoke", source_iterations=4), cache_dir=tmp_path)
     assert info3["status"] == "trained"  # a changed setting is a new model
+    aug = E.get_preset("smoke", source_iterations=3, source_augment={"iseg2019": True, "fets2021": False, "msd": False})
+    assert E.source_model_path("iseg2019", phantom_root, "GM-T1", aug, cache_dir=tmp_path) != \
+        E.source_model_path("iseg2019", phantom_root, "GM-T1", cfg, cache_dir=tmp_path)  # augmenting is a new model
 
 
 def test_run_grid_batched_equals_per_run(phantom_root, tmp_path):

@@ -146,3 +146,37 @@ def test_get_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA|none is available"):
             get_device("cuda")
+
+
+def test_augment_batch_labels_follow_the_flips_and_the_seed_fixes_it():
+    from trm_utils.train import AUGMENT, augment_batch
+
+    x, y = toy_data(n=64, size=16, seed=4)
+    ax, ay = augment_batch(x, y, torch.Generator().manual_seed(5))
+    bx, by = augment_batch(x, y, torch.Generator().manual_seed(5))
+    assert torch.equal(ax, bx) and torch.equal(ay, by)
+    assert not torch.equal(ay, y)  # some of the 64 slices were flipped
+    flips = {"none": lambda t: t, "lr": lambda t: t.flip(-1), "ap": lambda t: t.flip(-2),
+             "both": lambda t: t.flip(-1).flip(-2)}
+    seen = set()
+    for i in range(len(y)):
+        match = [k for k, f in flips.items() if torch.equal(f(y[i]), ay[i])]
+        assert match, f"slice {i}: the label is not a flip of the original"
+        k = match[0]
+        seen.add(k)
+        orig = flips[k](x[i])
+        # the image is the same flip of the original, then a * x + b within the stated ranges
+        a = ((ax[i] - ax[i].mean()) * (orig - orig.mean())).sum() / ((orig - orig.mean()) ** 2).sum()
+        b = ax[i].mean() - a * orig.mean()
+        assert torch.allclose(ax[i], a * orig + b, atol=1e-4)
+        assert abs(float(a) - 1) <= AUGMENT["scale"] + 1e-5 and abs(float(b)) <= AUGMENT["shift"] + 1e-5
+    assert seen == set(flips)  # 64 slices draw every combination
+    assert torch.equal(x, toy_data(n=64, size=16, seed=4)[0])  # the input is not modified
+
+
+def test_source_augmentation_changes_training_and_is_seeded():
+    data = toy_data()
+    run = lambda aug: train_source(small_unet(seed=3), data, iterations=6, batch_size=4, seed=2,  # noqa: E731
+                                   show_progress=False, augment=aug)["loss"]
+    a, b, plain = run(True), run(True), run(False)
+    assert a == b and a != plain

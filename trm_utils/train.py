@@ -94,6 +94,34 @@ class _Batches:
         return idx
 
 
+#: What ``augment_batch`` draws from, per slice (source pre-training only, ``source_augment``).
+AUGMENT = {"flip_lr": 0.5, "flip_ap": 0.5, "scale": 0.1, "shift": 0.1}
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+    """A randomly flipped and intensity-jittered copy of a batch (images N x 1 x H x W z-scored,
+    labels N x H x W): per slice, a left-right flip and an anterior-posterior flip each with
+    probability 0.5, then ``x * a + b`` with ``a`` ~ U(0.9, 1.1) and ``b`` ~ U(-0.1, 0.1) (z-score
+    units). Labels follow the flips. Draws come from ``gen`` (a seeded CPU generator), so the same
+    seed gives the same batches on any device.
+
+    The regulariser of source pre-training (a subset of nnU-Net's standard augmentations that keeps
+    an axial slice a plausible slice); fine-tuning never augments (the paper does not say it does,
+    and the methods compared should differ only in their loss).
+    """
+    n = x.shape[0]
+    r = torch.rand(n, 4, generator=gen)
+    a = 1.0 + AUGMENT["scale"] * (2 * r[:, 2] - 1)
+    b = AUGMENT["shift"] * (2 * r[:, 3] - 1)
+    x, y = x.clone(), y.clone()
+    for mask, dim in ((r[:, 0] < AUGMENT["flip_lr"], -1), (r[:, 1] < AUGMENT["flip_ap"], -2)):
+        if mask.any():
+            i = torch.nonzero(mask).flatten().to(x.device)
+            x[i] = x[i].flip(dim)
+            y[i] = y[i].flip(dim)
+    return x * a.to(x).view(n, 1, 1, 1) + b.to(x).view(n, 1, 1, 1), y
+
+
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 32, device="auto"):
     """Yield ``(slice index range, softmax probabilities)`` batch by batch (model in eval mode)."""
@@ -157,6 +185,7 @@ def train_source(
     eval_every: Optional[int] = None,
     lr_decay: Optional[float] = None,
     loss: str = "ce",
+    augment: bool = False,
 ) -> dict:
     """Pre-train ``model`` (all layers, Adam) on the source task, in place.
 
@@ -165,13 +194,16 @@ def train_source(
     ``losses.soft_dice_loss``; the tutorial preset's choice for the tumour sources). ``eval_data`` /
     ``eval_every``: the source task's held-out Dice every k iterations (the curve that shows the
     source finished learning; never used to pick a model). ``lr_decay``: see ``finetune``.
+    ``augment``: flips and intensity jitter per batch (``augment_batch``; the tutorial preset's
+    tumour sources use it, ``source_augment``).
     Returns a history ``{"loss": [...], "eval": [...], "seconds": float}``; saves
     ``{"state_dict", "history"}`` atomically to ``checkpoint_path`` when given.
     """
     check_source_loss(loss)  # before any training, not at the first step
     return _fit(model, data, "vanilla", iterations, lr, batch_size, device=device, seed=seed,
                 show_progress=show_progress, checkpoint_path=checkpoint_path, desc="source",
-                eval_data=eval_data, eval_every=eval_every, lr_decay=lr_decay, source_loss_name=loss)
+                eval_data=eval_data, eval_every=eval_every, lr_decay=lr_decay, source_loss_name=loss,
+                augment=augment)
 
 
 def _prepare_maps(maps, model, images, labels, c_t, reading, patch, device) -> LossMaps:
@@ -257,7 +289,7 @@ def finetune(
 
 def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_progress, checkpoint_path, desc,
          maps=None, class_weight=None, base=10.0, refresh_every=None, eval_data=None, eval_every=None,
-         num_classes=None, lr_decay=None, patch=1, source_loss_name=None) -> dict:
+         num_classes=None, lr_decay=None, patch=1, source_loss_name=None, augment=False) -> dict:
     if int(iterations) < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if lr <= 0 or batch_size < 1:
@@ -269,6 +301,7 @@ def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     batches = _Batches(images.shape[0], batch_size, seed)
+    aug_gen = torch.Generator().manual_seed(int(seed) + 7919) if augment else None
     if class_weight is not None:
         class_weight = class_weight.to(device)
     history = {"method": method, "loss": [], "eval": [], "refresh_seconds": []}
@@ -277,6 +310,8 @@ def _fit(model, data, method, iterations, lr, batch_size, *, device, seed, show_
         idx = batches.next()
         x, y = images[idx].to(device), labels[idx].to(device)
         t, h = maps.batch(idx) if maps is not None else (None, None)
+        if aug_gen is not None:
+            x, y = augment_batch(x, y, aug_gen)
         if source_loss_name is not None:  # source pre-training
             loss = source_loss(model(x), y, source_loss_name)
         else:
@@ -375,6 +410,8 @@ def finetune_cell(
     channels_last: bool = True,
     return_models: bool = False,
     lr_decay: Optional[float] = None,
+    group_size="auto",
+    memory_budget_mb: Optional[float] = None,
 ):
     """Fine-tune every run of one transfer cell (one source ``model``, one target ``data``) at once.
 
@@ -409,15 +446,24 @@ def finetune_cell(
             convolutions on CPUs and recent GPUs; the same numbers up to float rounding).
         return_models: also return the M fine-tuned models (copies of ``model``).
         lr_decay: as in ``finetune`` (the same schedule for every run).
+        group_size: how many runs train together (``"auto"``, the default, or a number). The
+            runs are split into groups trained one after another, each from start to end; the
+            encoder cache and the maps are shared by all groups. Every run gets the same numbers
+            whatever the grouping (tested). ``"auto"``: the most runs whose predicted peak
+            (``batched.cell_memory``) fits ``memory_budget_mb``; on the CPU 1 when a run's step is
+            large (the measured rule: ``batched.plan_group_size``).
+        memory_budget_mb: the memory the cell may use; default: the GPU's free memory less a
+            margin, or half the memory the system reports available (``batched.memory_budget``).
+            A group that does not fit raises ``MemoryError`` naming the budget and what to change.
 
     Returns:
         one history per run, in ``finetune``'s format (``method``, ``loss`` per iteration,
         ``eval`` [{iteration, dice, dice_per_class, n_subjects}], ``refresh_seconds``,
         ``seconds``: the cell's time divided by the number of runs), plus ``seed``, ``base``,
-        ``cell_seconds``, ``encoder_cached`` and ``precision``; with ``return_models``,
+        ``cell_seconds``, ``encoder_cached``, ``precision`` and ``group_size``; with ``return_models``,
         ``(histories, models)``.
     """
-    from .batched import EncoderCache, cache_fits, decode
+    from .batched import EncoderCache, cache_fits, cell_memory, decode, eval_batch, memory_budget, plan_group_size
 
     if int(iterations) < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
@@ -436,13 +482,6 @@ def finetune_cell(
         maps = transferability_maps(model, (images, labels), need, patch, c_t, device=device)
     shared = {r: _prepare_maps(maps, model, images, labels, c_t, r, patch, device) for r in need}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    models = []
-    for s in specs:  # each run's copy, its head seeded as finetune seeds it
-        m = copy.deepcopy(model)
-        seed_everything(s["seed"])
-        if m.num_classes != c_t:
-            reset_head(m, c_t)
-        models.append(freeze_encoder(m).to(device, memory_format=fmt).train())
     M, N = len(specs), images.shape[0]
     H, W = images.shape[-2:]
     if eval_data is None or not eval_every:
@@ -452,82 +491,106 @@ def finetune_cell(
         ev_subjects = _subjects_of(eval_data, ev_labels)
     n_ev = ev_images.shape[0] if eval_data is not None else 0
     enc = copy.deepcopy(model).eval()
+    budget = memory_budget(device, memory_budget_mb)
     cached = cache_fits(enc, N + n_ev, H, W, cache_budget_mb)
+    if cached and cell_memory(enc, H, W, batch_size, 1, N + n_ev, c_t, n_ev)["peak"] > budget:
+        cached = False  # the cache itself would not leave room for one run: recompute instead
+    memory = lambda g: cell_memory(enc, H, W, batch_size, g, (N + n_ev) if cached else 0, c_t, n_ev)  # noqa: E731
+    G = plan_group_size(M, memory, budget, device, group_size)
+    ev_batch = eval_batch(enc, H, W, c_t)
     train_cache = EncoderCache(enc, images, device, cached, channels_last=channels_last)
     eval_cache = EncoderCache(enc, ev_images, device, cached, channels_last=channels_last) if eval_data is not None else None
-
-    params = [p for m in models for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, foreach=True)  # one multi-tensor step for all runs
-    batches = [_Batches(N, batch_size, s["seed"]) for s in specs]
     labels_d = labels.to(device)
-    lmaps = [shared[s["reading"]] if get_method(s["method"]).needs_map else None for s in specs]
     cw = class_weights(torch.bincount(labels.reshape(-1), minlength=c_t)).to(device) \
         if any(get_method(s["method"]).weight == "class" for s in specs) else None
     hist = [{"method": s["method"], "seed": s["seed"], "base": s["base"], "reading": s["reading"], "loss": [], "eval": [],
              "refresh_seconds": []}
             for s in specs]
+    out_models = []
 
-    def forward(m, levels):
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = decode(models[m], levels)
-        return out[..., :H, :W].float()
+    def train_group(group):  # the runs ``group`` (indices into specs) trained together from start to end
+        gspecs = [specs[i] for i in group]
+        ghist = [hist[i] for i in group]
+        models = []
+        for s in gspecs:  # each run's copy, its head seeded as finetune seeds it
+            m = copy.deepcopy(model)
+            seed_everything(s["seed"])
+            if m.num_classes != c_t:
+                reset_head(m, c_t)
+            models.append(freeze_encoder(m).to(device, memory_format=fmt).train())
+        params = [p for m in models for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr, foreach=True)  # one multi-tensor step for the group's runs
+        batches = [_Batches(N, batch_size, s["seed"]) for s in gspecs]
+        lmaps = [shared[s["reading"]] if get_method(s["method"]).needs_map else None for s in gspecs]
+        G_ = len(gspecs)
 
-    @torch.no_grad()
-    def probs_all(cache, n, which):  # softmax of the runs ``which`` on every slice of ``cache`` (encoder cached)
-        for m in which:
-            models[m].eval()
-        try:
-            for s0 in range(0, n, 32):
-                sl = slice(s0, min(n, s0 + 32))
-                lv = cache.get(torch.arange(sl.start, sl.stop))
-                yield sl, {m: torch.softmax(forward(m, lv), dim=1) for m in which}
-        finally:
+        def forward(m, levels):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = decode(models[m], levels)
+            return out[..., :H, :W].float()
+
+        @torch.no_grad()
+        def probs_all(cache, n):  # softmax of every run of the group on every slice of ``cache``
+            for m in models:
+                m.eval()
+            try:
+                for s0 in range(0, n, ev_batch):
+                    sl = slice(s0, min(n, s0 + ev_batch))
+                    lv = cache.get(torch.arange(sl.start, sl.stop))
+                    yield sl, {m: torch.softmax(forward(m, lv), dim=1) for m in range(G_)}
+            finally:
+                for m in models:
+                    m.train()
+
+        def refresh(which):  # each run's maps from its own current model, as finetune recomputes them
             for m in which:
+                t0 = time.perf_counter()
+                r = gspecs[m]["reading"]
+                lmaps[m] = loss_maps(transferability_maps(models[m], (images, labels), (r,), patch, c_t, device=device),
+                                     r).to(device)
                 models[m].train()
+                ghist[m]["refresh_seconds"].append(time.perf_counter() - t0)
 
-    def refresh(which):  # each run's maps from its own current model, as finetune recomputes them
-        for m in which:
-            t0 = time.perf_counter()
-            r = specs[m]["reading"]
-            lmaps[m] = loss_maps(transferability_maps(models[m], (images, labels), (r,), patch, c_t, device=device),
-                                 r).to(device)
-            models[m].train()
-            hist[m]["refresh_seconds"].append(time.perf_counter() - t0)
+        def evaluate_all(it):
+            preds = torch.empty((G_, *ev_labels.shape), dtype=torch.uint8 if c_t <= 256 else torch.long)  # 1 byte a pixel
+            for sl, p in probs_all(eval_cache, n_ev):
+                for m in range(G_):
+                    preds[m, sl] = p[m].argmax(1).cpu()
+            for m in range(G_):
+                ghist[m]["eval"].append({"iteration": it, **score_predictions(preds[m], ev_labels, ev_subjects, c_t)})
 
-    def evaluate_all(it):
-        preds = torch.empty((M, *ev_labels.shape), dtype=torch.long)
-        for sl, p in probs_all(eval_cache, n_ev, range(M)):
-            for m in range(M):
-                preds[m, sl] = p[m].argmax(1).cpu()
-        for m in range(M):
-            hist[m]["eval"].append({"iteration": it, **score_predictions(preds[m], ev_labels, ev_subjects, c_t)})
+        desc = f"cell ({M} runs)" if G_ == M else f"cell runs {group[0] + 1}-{group[-1] + 1} of {M}"
+        for it in _progress(range(1, int(iterations) + 1), show_progress, desc):
+            losses = []
+            for m, s in enumerate(gspecs):  # each run its own batch sequence, loss and weights
+                idx = batches[m].next().to(device)
+                t, h = lmaps[m].batch(idx) if lmaps[m] is not None else (None, None)
+                losses.append(method_loss(s["method"], forward(m, train_cache.get(idx)), labels_d[idx],
+                                          hardness=h, class_weight=cw, base=s["base"], tmap=t))
+            losses = torch.stack(losses)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it, int(iterations), lr, lr_decay)
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            opt.step()
+            for h, v in zip(ghist, losses.detach().cpu().tolist()):
+                h["loss"].append(v)
+            due = [m for m, s in enumerate(gspecs)
+                   if s["refresh_every"] and lmaps[m] is not None and it % int(s["refresh_every"]) == 0 and it < iterations]
+            if due:
+                refresh(due)
+            if eval_cache is not None and (it % int(eval_every) == 0 or it == iterations):
+                evaluate_all(it)
+        if return_models:
+            out_models.extend(m.to(memory_format=torch.contiguous_format).eval() for m in models)
 
     t0 = time.perf_counter()
-    for it in _progress(range(1, int(iterations) + 1), show_progress, f"cell ({M} runs)"):
-        losses = []
-        for m, s in enumerate(specs):  # each run its own batch sequence, loss and weights
-            idx = batches[m].next().to(device)
-            t, h = lmaps[m].batch(idx) if lmaps[m] is not None else (None, None)
-            losses.append(method_loss(s["method"], forward(m, train_cache.get(idx)), labels_d[idx],
-                                      hardness=h, class_weight=cw, base=s["base"], tmap=t))
-        losses = torch.stack(losses)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it, int(iterations), lr, lr_decay)
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        opt.step()
-        for h, v in zip(hist, losses.detach().cpu().tolist()):
-            h["loss"].append(v)
-        due = [m for m, s in enumerate(specs)
-               if s["refresh_every"] and lmaps[m] is not None and it % int(s["refresh_every"]) == 0 and it < iterations]
-        if due:
-            refresh(due)
-        if eval_cache is not None and (it % int(eval_every) == 0 or it == iterations):
-            evaluate_all(it)
+    for g0 in range(0, M, G):
+        train_group(list(range(g0, min(M, g0 + G))))
     seconds = time.perf_counter() - t0
     for h in hist:
         h.update(seconds=seconds / M, cell_seconds=seconds, encoder_cached=cached,
-                 precision="bf16" if amp is not None else "fp32")
+                 precision="bf16" if amp is not None else "fp32", group_size=G)
     if not return_models:
         return hist
-    return hist, [m.to(memory_format=torch.contiguous_format).eval() for m in models]
+    return hist, out_models
