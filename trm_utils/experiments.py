@@ -50,7 +50,9 @@ PRESETS = {
         "source_loss": {"iseg2019": "ce", "fets2021": "ce_dice", "msd": "ce_dice"},
         # Tumour sources train on randomly flipped and intensity-jittered batches (``train.augment_batch``):
         # without it 14-T2 peaked at 0.71 and fell to 0.65 by 3000 iterations (0.57 by 6000): overfitting;
-        # with it, 0.78 at 3000, still rising.
+        # with it, 0.779 at 3000 and 0.769 at 6000, 14-FLAIR 0.873 and 0.894. The source budget check does
+        # not accept 3000 (changes -0.0104 and +0.020; results/calibration/tumour_sources_budget_check.csv);
+        # 6000 would add about 6 minutes to the main job's 20.
         "source_augment": {"iseg2019": False, "fets2021": True, "msd": True},
         # Fine-tuning: lr 1e-3 with a linear decay over the second half of the run (the remedy for a
         # noisy end; never a checkpoint picked by its held-out Dice). The paper's lr 1e-4 needs its 5000
