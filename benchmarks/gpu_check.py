@@ -5,7 +5,8 @@
 
 Writes one JSON (default ``runs/bench/gpu_check.json``) and prints a summary:
 
-1. **Step time and peak memory per group size** (1, 2, 4, 8 and the automatic one): the paper's
+1. **Step time and peak memory per group size** (1, 2, 4, 8 and the automatic one for a FeTS cell's
+   15 runs): the paper's
    U-Net (base 64, depth 4) at 240 px, batch 8, 4 classes, random slices, the encoder recomputed
    per batch as at the paper's scale; seconds per iteration per run (median of the timed
    iterations after a warm-up), the peak memory measured (CUDA: ``max_memory_allocated`` less what
@@ -41,9 +42,9 @@ from trm_utils.unet import UNet2D  # noqa: E402
 from trm_utils.utils import atomic_write_json, get_device, seed_everything  # noqa: E402
 
 PAPER = {"base": 64, "depth": 4, "size": 240, "batch": 8, "iterations": 300, "source_iterations": 300,
-         "timed": 10, "groups": [1, 2, 4, 8], "phantom": "tutorial"}
+         "timed": 10, "groups": [1, 2, 4, 8], "cell_runs": 15, "phantom": "tutorial"}
 SMALL = {"base": 4, "depth": 2, "size": 32, "batch": 4, "iterations": 4, "source_iterations": 4,
-         "timed": 2, "groups": [1, 2], "phantom": "smoke"}
+         "timed": 2, "groups": [1, 2], "cell_runs": 3, "phantom": "smoke"}
 
 
 
@@ -57,7 +58,7 @@ def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4) -> dic
     src = UNet2D(1, classes, c["base"], c["depth"]).to(dev)
     mem = lambda k: B.cell_memory(src, c["size"], c["size"], c["batch"], k, 0, classes)  # noqa: E731
     budget = B.memory_budget(dev)
-    n = max(c["groups"]) if group == "auto" else int(group)
+    n = c["cell_runs"] if group == "auto" else int(group)  # auto: as many of a FeTS cell's runs as fit
     k = B.plan_group_size(n, mem, budget, dev, group)
     runs = [("vanilla", s) for s in range(k)]
     kw = dict(lr=1e-4, batch_size=c["batch"], device=dev, show_progress=False, cache_budget_mb=0, group_size=k)
