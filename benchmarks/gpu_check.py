@@ -41,9 +41,9 @@ from trm_utils.train import finetune, finetune_cell, train_source  # noqa: E402
 from trm_utils.unet import UNet2D  # noqa: E402
 from trm_utils.utils import atomic_write_json, get_device, seed_everything  # noqa: E402
 
-PAPER = {"base": 64, "depth": 4, "size": 240, "batch": 8, "iterations": 300, "source_iterations": 300,
+PAPER = {"preset": "paper", "base": 64, "depth": 4, "size": 240, "batch": 8, "iterations": 300, "source_iterations": 300,
          "timed": 10, "groups": [1, 2, 4, 8], "cell_runs": 15, "phantom": "tutorial"}
-SMALL = {"base": 4, "depth": 2, "size": 32, "batch": 4, "iterations": 4, "source_iterations": 4,
+SMALL = {"preset": "smoke", "base": 4, "depth": 2, "size": 32, "batch": 4, "iterations": 4, "source_iterations": 4,
          "timed": 2, "groups": [1, 2], "cell_runs": 3, "phantom": "smoke"}
 
 
@@ -81,10 +81,10 @@ def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4) -> dic
 
 def fets_cell(c: dict, dev, data_dir) -> dict:
     """A source on 14-FLAIR, then vanilla and trm on 18-FLAIR by both engines."""
-    cfg = E.get_preset("paper" if c is PAPER else "smoke")
+    cfg = E.get_preset(c["preset"])
     cfg["image_size"] = {k: c["size"] for k in cfg["image_size"]}
     cfg["base_channels"], cfg["depth"], cfg["batch_size"] = c["base"], c["depth"], c["batch"]
-    root = E.resolve_datasets("phantom", data_dir, "tutorial" if c["phantom"] == "tutorial" else "smoke")["tumour"][1]
+    root = E.resolve_datasets("phantom", data_dir, c["phantom"])["tumour"][1]
     src_train = E.load_task("fets2021", root, "14-FLAIR", "train", cfg)
     train = E.load_task("fets2021", root, "18-FLAIR", "train", cfg)
     test = E.load_task("fets2021", root, "18-FLAIR", "test", cfg)
@@ -149,9 +149,9 @@ def main(argv=None) -> int:
     if auto:
         est["seconds_per_5000_iterations_per_run"] = 5000 * auto["seconds_per_iteration_per_run"]
     net = UNet2D(1, 4, c["base"], c["depth"])
+    mem = lambda k: B.cell_memory(net, c["size"], c["size"], c["batch"], k, 0, 4, 1700)  # noqa: E731
     for gb in (15, 80):  # the memory model on a GPU of that size (free memory = 0.97 x the nominal size)
         budget = int(0.9 * 0.97 * gb * 2**30 - B.CUDA_MARGIN_MB * 2**20)
-        mem = lambda k: B.cell_memory(net, c["size"], c["size"], c["batch"], k, 0, 4, 1700)  # noqa: E731
         try:
             est[f"runs_per_group_{gb}gb"] = B.plan_group_size(15, mem, budget, torch.device("cuda"))
         except MemoryError:
