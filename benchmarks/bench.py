@@ -41,8 +41,9 @@ sys.path.insert(0, str(REPO))
 import copy  # noqa: E402
 
 from trm_utils import PatchLEEP, PixelLEEP, UNet2D, finetune, freeze_encoder, method_loss, transferability_maps  # noqa: E402
+from trm_utils.losses import class_weights  # noqa: E402
 from trm_utils.maps import LossMaps  # noqa: E402
-from trm_utils.batched import decode, encode  # noqa: E402
+from trm_utils.batched import EncoderCache, decode, encode  # noqa: E402
 from trm_utils.train import bf16_native, finetune_cell  # noqa: E402
 from trm_utils.experiments import PRESETS  # noqa: E402
 from trm_utils.utils import atomic_write_json, get_device  # noqa: E402
@@ -209,10 +210,10 @@ def matmul_gflops(device, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / t["median"] / 1e9
 
 
-def cell_times(cfg: dict, size: int, n_train: int, n_eval: int, iterations: int, eval_every, seeds, reps: int,
-               device, precisions=("fp32",)) -> dict:
-    """Seconds for one transfer cell's runs (4 methods x ``seeds``): the per-run ``finetune`` loop
-    against ``finetune_cell``, interleaved per repetition, on the same random data."""
+def _cell_setup(cfg: dict, size: int, n_train: int, n_eval: int, seeds) -> tuple:
+    """A tutorial-like transfer cell on random data, the same in every process: the source U-Net,
+    the training slices, the held-out slices (2 "subjects"), a dataset-level map and the runs
+    (4 methods x ``seeds``)."""
     g = torch.Generator().manual_seed(0)
     train = (torch.randn(n_train, 1, size, size, generator=g), (torch.rand(n_train, size, size, generator=g) > 0.7).long())
 
@@ -226,8 +227,17 @@ def cell_times(cfg: dict, size: int, n_train: int, n_eval: int, iterations: int,
     hard = torch.rand(size, size, generator=g)  # one dataset-level map, as the default reading has
     maps = LossMaps("dataset", -0.69 * hard, hard, n_train)
     torch.manual_seed(0)
-    src = UNet2D(1, 2, cfg["base_channels"], cfg["depth"]).to(device)
+    src = UNet2D(1, 2, cfg["base_channels"], cfg["depth"])
     runs = [(m, s) for m in ("vanilla", "class_weight", "trs_map", "trm") for s in seeds]
+    return src, train, ev, maps, runs
+
+
+def cell_times(cfg: dict, size: int, n_train: int, n_eval: int, iterations: int, eval_every, seeds, reps: int,
+               device, precisions=("fp32",)) -> dict:
+    """Seconds for one transfer cell's runs (4 methods x ``seeds``): the per-run ``finetune`` loop
+    against ``finetune_cell``, interleaved per repetition, on the same random data."""
+    src, train, ev, maps, runs = _cell_setup(cfg, size, n_train, n_eval, seeds)
+    src = src.to(device)
     kw = dict(maps=maps, iterations=iterations, lr=1e-3, batch_size=cfg["batch_size"], eval_data=ev,
               eval_every=eval_every, device=device, show_progress=False)
 
@@ -263,6 +273,121 @@ def cell_times(cfg: dict, size: int, n_train: int, n_eval: int, iterations: int,
             "speedup": {p: out["per_run"]["median"] / out[p]["median"] for p in precisions},
             "gflops": {"per_run": flops["per_run"] / out["per_run"]["median"] / 1e9,
                        **{p: flops["batched"] / out[p]["median"] / 1e9 for p in precisions}}}
+
+
+def _split_worker(args) -> float:
+    """One process of the thread split: 1 thread, its share of the cell's runs (``_cell_setup``'s)."""
+    cfg, size, n_train, n_eval, iterations, eval_every, seeds, part, parts = args
+    torch.set_num_threads(1)
+    src, train, ev, maps, runs = _cell_setup(cfg, size, n_train, n_eval, seeds)
+    t0 = time.perf_counter()
+    finetune_cell(src, train, runs[part::parts], maps=maps, iterations=iterations, lr=1e-3, batch_size=cfg["batch_size"],
+                  eval_data=ev, eval_every=eval_every, device="cpu", show_progress=False)
+    return time.perf_counter() - t0
+
+
+def thread_split(cfg: dict, size: int, n_train: int, n_eval: int, iterations: int, eval_every, seeds, reps: int) -> dict:
+    """The thread split between runs, on the CPU: one cell's runs in one process with every thread
+    (``finetune_cell`` as the notebooks call it), in one process with 1 thread, and split over
+    ``parts`` = min(2, threads) processes of 1 thread each (each its share of the runs; the wall time
+    counts starting the processes). Same runs, same numbers (each run is independent of the others)."""
+    import multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    parts = max(1, min(2, threads))
+    src, train, ev, maps, runs = _cell_setup(cfg, size, n_train, n_eval, seeds)
+    kw = dict(maps=maps, iterations=iterations, lr=1e-3, batch_size=cfg["batch_size"], eval_data=ev,
+              eval_every=eval_every, device="cpu", show_progress=False)
+    args = [(cfg, size, n_train, n_eval, iterations, eval_every, seeds, k, parts) for k in range(parts)]
+
+    def one_process(n):
+        torch.set_num_threads(n)
+        try:
+            finetune_cell(src, train, runs, **kw)
+        finally:
+            torch.set_num_threads(threads)
+
+    def split():
+        with mp.get_context("spawn").Pool(parts) as pool:
+            inner.append(max(pool.map(_split_worker, args)))
+
+    inner = []
+    fns = {f"one_process_{threads}_threads": lambda: one_process(threads), "one_process_1_thread": lambda: one_process(1),
+           f"split_{parts}x1_thread": split}
+    times = {k: [] for k in fns}
+    for r in range(reps):
+        for k in (list(fns)[r % len(fns):] + list(fns)[: r % len(fns)]):
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    out = {k: {"median": statistics.median(t), "min": min(t), "max": max(t), "reps": reps} for k, t in times.items()}
+    base = out[f"one_process_{threads}_threads"]["median"]
+    return {"runs": len(runs), "iterations": iterations, "threads": threads, "parts": parts, "seconds": out,
+            "split_compute_seconds": statistics.median(inner),
+            "speedup_split_vs_one_process": base / out[f"split_{parts}x1_thread"]["median"],
+            "speedup_threads_vs_1_thread": out["one_process_1_thread"]["median"] / base}
+
+
+def compile_times(cfg: dict, size: int, n_train: int, seeds, steps: int, cell_iterations: int, device,
+                  backend: str = "inductor") -> dict:
+    """``torch.compile`` of the batched step's per-run work (decoder, head, loss) against eager, on
+    the same batches: the compile time (the first two steps, less two eager steps) and the steady
+    seconds per step of each, and what compiling buys a cell of ``cell_iterations`` iterations,
+    compile time counted: eager x iterations / (compile + compiled x iterations). The engine keeps
+    eager unless this ratio exceeds 1 (``finetune_cell`` has no compile option: on 2 CPU cores it
+    did not pay). ``backend="eager"`` (``--fast``) only traces: it checks the code path in seconds
+    where inductor's C++ compilation takes minutes."""
+    src, train, _, maps, runs = _cell_setup(cfg, size, n_train, 0, seeds)
+    src = src.to(device)
+    images, labels = train[0], train[1].to(device)
+    cache = EncoderCache(copy.deepcopy(src).eval(), images, device, True, channels_last=True)
+    mp_ = maps.to(device)
+    cw = class_weights(torch.bincount(train[1].reshape(-1), minlength=2)).to(device)
+
+    def step_fn(model, levels, y, method, h, t):
+        return method_loss(method, decode(model, levels), y, hardness=h, tmap=t, class_weight=cw)
+
+    def make():
+        ms = [freeze_encoder(copy.deepcopy(src)).to(device, memory_format=torch.channels_last).train() for _ in runs]
+        opt = torch.optim.Adam([p for m in ms for p in m.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+        return ms, opt
+
+    def run(fn, ms, opt, n):
+        g = torch.Generator().manual_seed(0)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            losses = []
+            for m, (method, _) in zip(ms, runs):
+                idx = torch.randint(0, images.shape[0], (cfg["batch_size"],), generator=g).to(device)
+                t, h = mp_.batch(idx)
+                losses.append(fn(m, cache.get(idx), labels[idx], method, h, t))
+            opt.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()
+            opt.step()
+        sync()
+        return time.perf_counter() - t0
+
+    out = {"runs": len(runs), "steps": steps, "cell_iterations": cell_iterations, "backend": backend}
+    ms, opt = make()
+    run(step_fn, ms, opt, 2)
+    first_eager = run(step_fn, ms, opt, 2)
+    eager = run(step_fn, ms, opt, steps) / steps
+    try:
+        torch.compiler.reset()
+        cfn = torch.compile(step_fn, backend=backend)
+        ms, opt = make()
+        first = run(cfn, ms, opt, 2)
+        compiled = run(cfn, ms, opt, steps) / steps
+    except Exception as e:  # noqa: BLE001 - no C++ compiler, an unsupported op: recorded, not fatal
+        out.update(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", eager_seconds_per_step=eager)
+        return out
+    comp = max(0.0, first - first_eager)
+    out.update(eager_seconds_per_step=eager, compiled_seconds_per_step=compiled, compile_seconds=comp,
+               steady_speedup=eager / compiled,
+               cell_speedup=eager * cell_iterations / (comp + compiled * cell_iterations))
+    return out
 
 
 def main(argv=None) -> int:
@@ -367,6 +492,13 @@ def main(argv=None) -> int:
     res["cell_paper"] = cell_times(p_cfg, p_size, 8, 0, 1 if fast else 2, None, (0,), 1, device, ("fp32",))
     res["cell_speedup_vs_per_run_paper"] = res["cell_paper"]["speedup"]["fp32"]
 
+    # 8. what else might lift the tutorial cell: torch.compile of the step, the thread split between runs
+    res["compile"] = compile_times(t_cfg, size_t, 16 if fast else 140, (0,) if fast else (0, 1, 2), 2 if fast else 20,
+                                   t_cfg["iterations"]["iseg2019"], device, "eager" if fast else "inductor")
+    if device.type == "cpu":
+        res["thread_split"] = thread_split(t_cfg, size_t, 16 if fast else 140, 8 if fast else 60, 4 if fast else 50,
+                                           2 if fast else 25, (0, 1, 2), 1 if fast else 3)
+
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, res)
 
@@ -402,6 +534,21 @@ def main(argv=None) -> int:
     line(f"paper U-Net cell ({cp['runs']} runs, {cp['image_size']}px)", f"{res['cell_speedup_vs_per_run_paper']:.2f}x",
          ">= 1x", res["cell_speedup_vs_per_run_paper"] >= 1)
     print(f"  groups of {cp['group_size']} run(s) (tutorial: {c['group_size']}; batched.plan_group_size's rule)")
+    k = res["compile"]
+    if "error" in k:
+        print(f"  torch.compile of the step: unavailable here ({k['error']})")
+    else:
+        print(f"  torch.compile ({k['backend']}) of the step ({k['runs']} runs): {1000 * k['eager_seconds_per_step']:.0f} ms eager, "
+              f"{1000 * k['compiled_seconds_per_step']:.0f} ms compiled ({k['steady_speedup']:.2f}x), compile "
+              f"{k['compile_seconds']:.1f} s: {k['cell_speedup']:.2f}x for a {k['cell_iterations']}-iteration cell "
+              f"({'pays' if k['cell_speedup'] > 1 else 'does not pay: the engine stays eager'})")
+    if "thread_split" in res:
+        t = res["thread_split"]
+        sec = t["seconds"]
+        print(f"  thread split ({t['runs']} runs, {t['iterations']} its): " + ", ".join(
+            f"{k} {v['median']:.1f} s" for k, v in sec.items())
+            + f"; split {t['speedup_split_vs_one_process']:.2f}x one process, {t['threads']} threads "
+              f"{t['speedup_threads_vs_1_thread']:.2f}x 1 thread")
     print(f"  dense float32 matrix product: {res['matmul_gflops']:.0f} GFLOP/s (this machine's practical peak)")
     print(f"wrote {args.out}")
     return 0

@@ -12,10 +12,12 @@ Writes one JSON (default ``runs/bench/gpu_check.json``) and prints a summary:
    iterations after a warm-up), the peak memory measured (CUDA: ``max_memory_allocated`` less what
    was allocated before; on a CPU ``benchmarks/memory_model.py`` measures it) and the memory model's prediction
    (``batched.cell_memory``), and the automatic group size for this device's free memory.
-2. **One FeTS cell, both engines**: a source pre-trained on the phantom's 14-FLAIR task, then
-   ``vanilla`` and ``trm`` (seed 0) fine-tuned on 18-FLAIR for ``--iterations`` by the batched
-   engine (``finetune_cell``, automatic groups) and by the per-run loop (``finetune``): the held-out
-   Dice of each path after them (they should agree to float tolerance) and the seconds of each.
+2. **One FeTS cell, both engines, both precisions**: a source pre-trained on the phantom's 14-FLAIR
+   task, then ``vanilla`` and ``trm`` (seeds 0, 1, 2) fine-tuned on 18-FLAIR for ``--iterations`` by
+   the batched engine (``finetune_cell``, automatic groups) and, for seed 0, by the per-run loop
+   (``finetune``): the held-out Dice of each path (they should agree to float tolerance) and the
+   seconds of each; then the batched engine again with bf16 autocast: each method's mean Dice
+   against the float32 mean and its spread over the seeds (where bf16 holds, it is within it).
 3. **Estimates**: seconds per 5000 iterations per run at the automatic group size, and the memory
    model's runs per group on a 15 GB (Colab T4) and an 80 GB GPU.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -96,19 +99,35 @@ def fets_cell(c: dict, dev, data_dir) -> dict:
     its = c["iterations"]
     kw = dict(iterations=its, lr=1e-3, batch_size=c["batch"], eval_data=test, eval_every=its, device=dev,
               show_progress=False, lr_decay=0.5)
-    runs = [("vanilla", 0), ("trm", 0)]
+    seeds = c.get("seeds", (0, 1, 2))
+    runs = [(m, s) for m in ("vanilla", "trm") for s in seeds]
     t0 = time.perf_counter()
     hb = finetune_cell(src, train, runs, **kw)
     t_b = time.perf_counter() - t0
     out = {"source_iterations": c["source_iterations"], "source_seconds": t_src, "iterations": its,
            "train_slices": len(train), "test_slices": len(test), "batched_seconds": t_b,
-           "group_size": hb[0]["group_size"], "runs": {}}
+           "group_size": hb[0]["group_size"], "seeds": list(seeds), "runs": {}}
     t0 = time.perf_counter()
-    for (m, s), h in zip(runs, hb):
-        r = finetune(copy.deepcopy(src), train, m, seed=s, **kw)
-        out["runs"][m] = {"batched_dice": h["eval"][-1]["dice"], "per_run_dice": r["eval"][-1]["dice"]}
+    for (m, s), h in zip(runs, hb):  # the per-run loop on the first seed: both engines must agree
+        if s == seeds[0]:
+            r = finetune(copy.deepcopy(src), train, m, seed=s, **kw)
+            out["runs"][m] = {"batched_dice": h["eval"][-1]["dice"], "per_run_dice": r["eval"][-1]["dice"]}
     out["per_run_seconds"] = time.perf_counter() - t0
     out["max_dice_difference"] = max(abs(v["batched_dice"] - v["per_run_dice"]) for v in out["runs"].values())
+    # bf16 autocast of the decoder (finetune_cell's precision="bf16"): does the held-out Dice stay
+    # within the spread over seeds? Per method: the fp32 mean and std over seeds, the bf16 mean.
+    t0 = time.perf_counter()
+    h16 = finetune_cell(src, train, runs, precision="bf16", **kw)
+    out["bf16_seconds"] = time.perf_counter() - t0
+    prec = {}
+    for m in ("vanilla", "trm"):
+        d32 = [h["eval"][-1]["dice"] for (mm, _), h in zip(runs, hb) if mm == m]
+        d16 = [h["eval"][-1]["dice"] for (mm, _), h in zip(runs, h16) if mm == m]
+        mean32, mean16 = statistics.mean(d32), statistics.mean(d16)
+        std32 = statistics.stdev(d32) if len(d32) > 1 else 0.0
+        prec[m] = {"fp32_mean": mean32, "fp32_std": std32, "bf16_mean": mean16, "difference": mean16 - mean32,
+                   "within_seed_spread": abs(mean16 - mean32) <= std32}
+    out["bf16"] = prec
     return out
 
 
@@ -143,7 +162,12 @@ def main(argv=None) -> int:
     f = res["fets_cell"]
     print(f"FeTS cell 14-FLAIR -> 18-FLAIR ({f['iterations']} iterations, groups of {f['group_size']}): "
           + ", ".join(f"{m} batched {v['batched_dice']:.4f} / per-run {v['per_run_dice']:.4f}" for m, v in f["runs"].items())
-          + f"; batched {f['batched_seconds']:.1f} s, per-run {f['per_run_seconds']:.1f} s", flush=True)
+          + f"; batched {f['batched_seconds']:.1f} s ({len(f['seeds'])} seeds), per-run {f['per_run_seconds']:.1f} s (seed "
+          f"{f['seeds'][0]})", flush=True)
+    print(f"bf16 autocast ({f['bf16_seconds']:.1f} s): " + ", ".join(
+        f"{m} {v['bf16_mean']:.4f} vs fp32 {v['fp32_mean']:.4f} +- {v['fp32_std']:.4f} "
+        f"({'within' if v['within_seed_spread'] else 'OUTSIDE'} the spread over seeds)" for m, v in f["bf16"].items()),
+        flush=True)
     auto = next((r for r in res["steps"] if r["group"] == "auto" and "error" not in r), None)
     est = {}
     if auto:
