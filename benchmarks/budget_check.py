@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "results" / "calibration"))
     ap.add_argument("--factor", type=int, default=2, help="the longer budget is factor x T (the rule says 2)")
     ap.add_argument("--skip-sources", action="store_true", help="only the fine-tuning grid")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="grid jobs side by side on the CPU (default: one per core, at most 4; 1: one after another)")
     ap.add_argument("--skip-grid", action="store_true", help="only the sources")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
         print(src.round(4).to_string(index=False))
     if not a.skip_grid:
         tg = time.perf_counter()
-        table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print)
+        table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print,
+                                   workers=a.workers)
         E.write_csv(table, out / f"{a.family}_budget_check.csv")
         E.write_csv(runs, out / f"{a.family}_budget_runs.csv")
         meta["grid_seconds"] = round(time.perf_counter() - tg, 1)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -72,6 +73,12 @@ def test_check_grid_and_sources_run_both_budgets(phantom_root, cache_dir, monkey
     assert list(src.source) == E.grid_tasks("iseg2019", "smoke")[0]
     assert (src.iterations_2T == 2 * src.iterations_T).all() and src.dice_T.between(0, 1).all()
     assert len(list(Path(cache_dir, "sources").glob("*.pt"))) == 2 * len(src)  # both budgets cached
+    # the jobs in 2 worker processes (the default on 2 cores) give what one process gives, up to rounding
+    t2, r2 = B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, workers=1)
+    k = ["budget", "source", "target", "method", "seed"]
+    a, b = runs.sort_values(k).reset_index(drop=True), r2.sort_values(k).reset_index(drop=True)
+    assert (a[k] == b[k]).all().all()
+    assert np.allclose(a.dice, b.dice, atol=1e-3), (a.dice - b.dice).abs().max()
 
 
 def test_script_writes_the_check_and_the_verdict(tmp_path):

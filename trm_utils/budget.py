@@ -121,23 +121,65 @@ def _summary(df: pd.DataFrame, by_size: bool) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def _grid_worker(args) -> pd.DataFrame:
+    """One job of ``check_grid`` in a worker process: one source's cells at one budget and size."""
+    import torch
+
+    name, root, source, targets, methods, seeds, cfg, n, device, threads = args
+    torch.set_num_threads(threads)
+    return E.run_grid(name, root, [source], targets, methods, seeds, cfg, max_slices=n, device=device, log=None)
+
+
 def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0, 1, 2), factor: int = 2, log=print,
-               device="auto", root=None) -> tuple:
+               device="auto", root=None, workers: Optional[int] = None) -> tuple:
     """The family's main-job grid at T and ``factor`` x T. Returns ``(table, runs)``: ``compare``'s
-    table (both budgets side by side, the changes, the verdict) and every run (``budget`` "T" / "2T")."""
+    table (both budgets side by side, the changes, the verdict) and every run (``budget`` "T" / "2T").
+
+    On the CPU with ``workers`` > 1 (default: one per core, at most 4) each (budget, size, source)
+    job runs in a worker process with ``cores // workers`` threads, the longest first (``make bench``'s
+    thread split: the tutorial's small U-Nets keep one thread busy better than two); the sources are
+    trained (or loaded) first, here. The same runs as one after another, up to float rounding (the
+    thread count changes the order of some sums)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from .utils import get_device
+
     f = _family(family)
     name, sources, targets = family_tasks(family, preset)
     root = root if root is not None else _root(family, preset, data_dir)
-    runs = []
+    cpus = os.cpu_count() or 1
+    workers = min(cpus, 4) if workers is None else int(workers)
+    jobs = []  # (tag, factor, size, source, cfg)
     for tag, k in (("T", 1), ("2T", factor)):
         cfg = budget_cfg(family, preset, k)
         for n in f["sizes"] or [None]:
+            jobs += [(tag, k, n, s, cfg) for s in sources]
+    parallel = get_device(device).type == "cpu" and workers > 1 and len(jobs) > 1
+    if not parallel:
+        out = []
+        for tag, k, n, s, cfg in jobs:
             if log:
-                log(f"{family} grid at {cfg['iterations']} iterations" + (f", {n} slices" if n else ""))
-            df = E.run_grid(name, root, sources, targets, f["methods"], seeds, cfg, max_slices=n, device=device,
-                            log=log)
-            runs.append(df.assign(budget=tag, family=family, n_slices=n))
-    runs = pd.concat(runs, ignore_index=True)
+                log(f"{family} grid at {cfg['iterations']} iterations, source {s}" + (f", {n} slices" if n else ""))
+            out.append(E.run_grid(name, root, [s], targets, f["methods"], seeds, cfg, max_slices=n, device=device,
+                                  log=log))
+    else:
+        E.prepare_sources([(name, root, s) for s in sources], budget_cfg(family, preset, 1), device=device, log=log)
+        threads = max(1, cpus // workers)
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1] * (jobs[i][2] or 10**6))  # longest first
+        if log:
+            log(f"{family} grid: {len(jobs)} jobs (budget x size x source), {workers} at a time with {threads} "
+                f"thread(s) each")
+        args = [(name, root, jobs[i][3], targets, f["methods"], seeds, jobs[i][4], jobs[i][2], "cpu", threads)
+                for i in order]
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            done = list(pool.map(_grid_worker, args))
+        out = [None] * len(jobs)
+        for i, df in zip(order, done):
+            out[i] = df
+    runs = pd.concat([df.assign(budget=tag, family=family, n_slices=n)
+                      for df, (tag, _, n, _, _) in zip(out, jobs)], ignore_index=True)
     return compare(runs), runs
 
 
