@@ -6,7 +6,7 @@
 Writes one JSON (default ``runs/bench/gpu_check.json``) and prints a summary:
 
 1. **Step time and peak memory per group size** (1, 2, 4, 8 and the automatic one for a FeTS cell's
-   15 runs): the paper's
+   15 runs; the automatic one again in the other memory layout than ``batched.use_channels_last``'s): the paper's
    U-Net (base 64, depth 4) at 240 px, batch 8, 4 classes, random slices, the encoder recomputed
    per batch as at the paper's scale; seconds per iteration per run (median of the timed
    iterations after a warm-up), the peak memory measured (CUDA: ``max_memory_allocated`` less what
@@ -52,7 +52,7 @@ SMALL = {"preset": "smoke", "base": 4, "depth": 2, "size": 32, "batch": 4, "iter
 
 
 
-def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4) -> dict:
+def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4, channels_last="auto") -> dict:
     """Seconds per iteration per run and peak memory of ``group`` runs trained together."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_slices, 1, c["size"], c["size"], generator=g)
@@ -64,7 +64,8 @@ def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4) -> dic
     n = c["cell_runs"] if group == "auto" else int(group)  # auto: as many of a FeTS cell's runs as fit
     k = B.plan_group_size(n, mem, budget, dev, group)
     runs = [("vanilla", s) for s in range(k)]
-    kw = dict(lr=1e-4, batch_size=c["batch"], device=dev, show_progress=False, cache_budget_mb=0, group_size=k)
+    kw = dict(lr=1e-4, batch_size=c["batch"], device=dev, show_progress=False, cache_budget_mb=0, group_size=k,
+              channels_last=channels_last)
     finetune_cell(src, (x, y), runs, iterations=2, **kw)  # warm-up (kernels, allocator)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -79,7 +80,7 @@ def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4) -> dic
     sec = time.perf_counter() - t0
     return {"group": group, "runs": k, "seconds_per_iteration_per_run": sec / c["timed"] / k,
             "peak_mb": peak, "predicted_mb": mem(k)["peak"] / 2**20, "budget_mb": budget / 2**20,
-            "group_size_used": h[0]["group_size"]}
+            "group_size_used": h[0]["group_size"], "channels_last": h[0]["channels_last"]}
 
 
 def fets_cell(c: dict, dev, data_dir) -> dict:
@@ -158,6 +159,17 @@ def main(argv=None) -> int:
               f"{r['runs']} runs, {1000 * r['seconds_per_iteration_per_run']:.1f} ms/iteration/run, peak "
               + (f"{r['peak_mb']:.0f} MB" if r["peak_mb"] is not None else "(CPU: see memory_model.py)")
               + f" (model {r['predicted_mb']:.0f} MB)"), flush=True)
+    # the memory layout: the automatic group in the layout batched.use_channels_last does not pick
+    auto = next((r for r in res["steps"] if r["group"] == "auto" and "error" not in r), None)
+    if auto:
+        r = step_times(c, dev, "auto", channels_last=not auto["channels_last"])
+        res["layout"] = {"rule_channels_last": auto["channels_last"],
+                         "rule_seconds_per_iteration_per_run": auto["seconds_per_iteration_per_run"],
+                         "other_seconds_per_iteration_per_run": r["seconds_per_iteration_per_run"],
+                         "rule_is_faster": auto["seconds_per_iteration_per_run"] <= r["seconds_per_iteration_per_run"]}
+        print(f"memory layout: channels-last {auto['channels_last']} (the rule) "
+              f"{1000 * auto['seconds_per_iteration_per_run']:.1f} ms/iteration/run, the other "
+              f"{1000 * r['seconds_per_iteration_per_run']:.1f}", flush=True)
     res["fets_cell"] = fets_cell(c, dev, a.data_dir)
     f = res["fets_cell"]
     print(f"FeTS cell 14-FLAIR -> 18-FLAIR ({f['iterations']} iterations, groups of {f['group_size']}): "
@@ -168,7 +180,6 @@ def main(argv=None) -> int:
         f"{m} {v['bf16_mean']:.4f} vs fp32 {v['fp32_mean']:.4f} +- {v['fp32_std']:.4f} "
         f"({'within' if v['within_seed_spread'] else 'OUTSIDE'} the spread over seeds)" for m, v in f["bf16"].items()),
         flush=True)
-    auto = next((r for r in res["steps"] if r["group"] == "auto" and "error" not in r), None)
     est = {}
     if auto:
         est["seconds_per_5000_iterations_per_run"] = 5000 * auto["seconds_per_iteration_per_run"]

@@ -98,6 +98,27 @@ def test_recomputing_the_encoder_past_the_budget_gives_the_same_results(cell):
         assert [e["dice"] for e in a["eval"]] == pytest.approx([e["dice"] for e in b["eval"]], abs=1e-6)
 
 
+def test_memory_layout_rule_and_both_layouts_agree(cell):
+    """channels_last="auto" follows batched.use_channels_last (narrow U-Nets on the CPU only), and
+    either layout gives the same runs up to float rounding."""
+    from trm_utils.batched import CPU_CHANNELS_LAST_MAX_BASE, use_channels_last
+    from trm_utils.unet import UNet2D
+
+    cpu = torch.device("cpu")
+    assert use_channels_last(UNet2D(1, 2, 8, 3), cpu) and not use_channels_last(UNet2D(1, 2, 64, 1), cpu)
+    assert use_channels_last(UNet2D(1, 2, CPU_CHANNELS_LAST_MAX_BASE, 1), cpu)
+    assert not use_channels_last(UNet2D(1, 2, 8, 3), torch.device("cuda"))
+    runs = [("trm", 0), ("vanilla", 1)]
+    kw = dict(iterations=8, lr=1e-3, batch_size=4, eval_data=cell["data"], eval_every=4, show_progress=False)
+    auto = finetune_cell(cell["src"], cell["data"], runs, **kw)
+    assert auto[0]["channels_last"] == use_channels_last(cell["src"], cpu)
+    other = finetune_cell(cell["src"], cell["data"], runs, channels_last=not auto[0]["channels_last"], **kw)
+    assert other[0]["channels_last"] != auto[0]["channels_last"]
+    for a, b in zip(auto, other):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+        assert [e["dice"] for e in a["eval"]] == pytest.approx([e["dice"] for e in b["eval"]], abs=1e-3)
+
+
 def test_encoder_cache_matches_the_forward_pass(cell):
     src = copy.deepcopy(cell["src"]).eval()
     images = cell["data"][0]

@@ -56,6 +56,7 @@ def test_gpu_check_runs_small_on_the_cpu(tmp_path):
     assert [s["group"] for s in res["steps"]] == [1, 2, "auto"]
     for s in res["steps"]:
         assert s["seconds_per_iteration_per_run"] > 0 and s["predicted_mb"] > 0 and s["group_size_used"] == s["runs"]
+    assert isinstance(res["layout"]["rule_is_faster"], bool) and res["layout"]["other_seconds_per_iteration_per_run"] > 0
     cell = res["fets_cell"]
     assert set(cell["runs"]) == {"vanilla", "trm"} and cell["max_dice_difference"] < 1e-4
     for m in ("vanilla", "trm"):  # bf16 against fp32 over 3 seeds (the verdict is the data's, not asserted)

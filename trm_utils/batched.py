@@ -16,7 +16,7 @@ Measured on 2 CPU cores (tutorial U-Net, 12 runs, one step): the M decoders as o
 grouped-convolution network (``groups=M``) ran 2.2x faster than per-run steps in float32 but
 was slower than M separate decoders in ``channels_last`` (oneDNN's grouped convolution backward
 is slow on CPU), so the decoders stay separate modules and the speed comes from the cache,
-``channels_last``, one backward and one fused Adam step (and bfloat16 autocast where the
+``channels_last`` for narrow U-Nets on the CPU (``use_channels_last``), one backward and one fused Adam step (and bfloat16 autocast where the
 processor has native BF16; see ``train.finetune_cell``'s ``precision``).
 
 Run groups: a cell's runs need not all fit in memory at once. ``cell_memory`` predicts the peak of
@@ -135,6 +135,21 @@ EVAL_MB = 512
 #: On the CPU, ``plan_group_size`` groups runs only when one run's step keeps at most this much for
 #: backward (the tutorial's U-Net: 12 MB; the paper's at 240 px: 1.3 GB).
 CPU_GROUP_MAX_ACTIVATION_MB = 64
+#: On the CPU the decoders run in ``channels_last`` only for U-Nets this narrow or narrower
+#: (``use_channels_last``). Measured on 2 AVX2 cores (AMD EPYC), one decoder step (forward and
+#: backward, batch 8): the tutorial's U-Net (base 8, 64 px) 27.6 ms channels-last against 34.9 ms
+#: contiguous; the paper's (base 64, 128 px) 6.40 s against 4.99 s (the full U-Net contiguous,
+#: as the per-run loop runs it: 6.08 s, so channels-last made the cached path slower than no cache).
+CPU_CHANNELS_LAST_MAX_BASE = 16
+
+
+def use_channels_last(model: UNet2D, device) -> bool:
+    """``finetune_cell``'s ``channels_last="auto"``: the channels-last memory layout on the CPU for
+    narrow U-Nets (``base_channels`` <= ``CPU_CHANNELS_LAST_MAX_BASE``), where oneDNN's channels-last
+    kernels were measured faster; contiguous otherwise (the paper's U-Net on the CPU, measured slower
+    in channels-last; on CUDA PyTorch's default layout, until ``benchmarks/gpu_check.py``, which
+    times both, says otherwise). Either layout gives the same numbers up to float rounding."""
+    return torch.device(device).type == "cpu" and int(model.base_channels) <= CPU_CHANNELS_LAST_MAX_BASE
 
 
 def _levels(model: UNet2D, h: int, w: int):

@@ -407,7 +407,7 @@ def finetune_cell(
     show_progress: bool = True,
     cache_budget_mb: Optional[float] = CACHE_BUDGET_MB,
     precision: str = "fp32",
-    channels_last: bool = True,
+    channels_last="auto",
     return_models: bool = False,
     lr_decay: Optional[float] = None,
     group_size="auto",
@@ -442,8 +442,10 @@ def finetune_cell(
             forward pass; the loss, Adam and the weights stay float32) or ``"auto"`` (bf16 only
             where the hardware does it natively, see ``bf16_native``). ``make bench`` measures
             what bf16 buys and how much it moves the held-out Dice.
-        channels_last: keep decoders and features in the channels-last memory layout (faster
-            convolutions on CPUs and recent GPUs; the same numbers up to float rounding).
+        channels_last: keep decoders and features in the channels-last memory layout (True),
+            or not (False); ``"auto"`` (default): ``batched.use_channels_last``'s measured rule
+            (on the CPU for narrow U-Nets like the tutorial's, where it is faster; contiguous for the
+            paper's, where it was slower). The same numbers up to float rounding.
         return_models: also return the M fine-tuned models (copies of ``model``).
         lr_decay: as in ``finetune`` (the same schedule for every run).
         group_size: how many runs train together (``"auto"``, the default, or a number). The
@@ -460,10 +462,12 @@ def finetune_cell(
         one history per run, in ``finetune``'s format (``method``, ``loss`` per iteration,
         ``eval`` [{iteration, dice, dice_per_class, n_subjects}], ``refresh_seconds``,
         ``seconds``: the cell's time divided by the number of runs), plus ``seed``, ``base``,
-        ``cell_seconds``, ``encoder_cached``, ``precision`` and ``group_size``; with ``return_models``,
+        ``cell_seconds``, ``encoder_cached``, ``precision``, ``group_size`` and ``channels_last``; with
+        ``return_models``,
         ``(histories, models)``.
     """
-    from .batched import EncoderCache, cache_fits, cell_memory, decode, eval_batch, memory_budget, plan_group_size
+    from .batched import (EncoderCache, cache_fits, cell_memory, decode, eval_batch, memory_budget, plan_group_size,
+                          use_channels_last)
 
     if int(iterations) < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
@@ -481,6 +485,9 @@ def finetune_cell(
     if maps is None and need:
         maps = transferability_maps(model, (images, labels), need, patch, c_t, device=device)
     shared = {r: _prepare_maps(maps, model, images, labels, c_t, r, patch, device) for r in need}
+    if channels_last == "auto":
+        channels_last = use_channels_last(model, device)
+    channels_last = bool(channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     M, N = len(specs), images.shape[0]
     H, W = images.shape[-2:]
@@ -590,7 +597,7 @@ def finetune_cell(
     seconds = time.perf_counter() - t0
     for h in hist:
         h.update(seconds=seconds / M, cell_seconds=seconds, encoder_cached=cached,
-                 precision="bf16" if amp is not None else "fp32", group_size=G)
+                 precision="bf16" if amp is not None else "fp32", group_size=G, channels_last=channels_last)
     if not return_models:
         return hist
     return hist, out_models
