@@ -21,6 +21,16 @@ Every figure is the median of several repetitions after a warm-up, with its spre
   ``batched.plan_group_size`` decides),
   and the achieved convolution throughput (GFLOP/s) beside a dense matrix product's, this
   machine's practical peak, are reported.
+
+What else might lift the tutorial cell, each measured here and kept only where it pays:
+
+* ``torch.compile`` (inductor) of the batched step's per-run work, the compile time counted over a
+  tutorial cell's iterations (``compile``; not in the engine while it does not pay);
+* the thread split between runs on the CPU: the cell in one process with every thread, with one
+  thread, and split over 2 processes of one thread each (``thread_split``; the budget check and the
+  sweep run their jobs that way, ``--workers``);
+* bf16 autocast (``precision="bf16"``), timed where the processor has native BF16; whether the
+  held-out Dice stays within the spread over seeds is ``benchmarks/gpu_check.py``'s question.
 """
 from __future__ import annotations
 
