@@ -498,6 +498,13 @@ def main(argv=None) -> int:
                         (0, 1, 2), 1 if fast else 3, device, precisions)
     res["cell"] = t_cell
     res["cell_speedup_vs_per_run"] = t_cell["speedup"]["fp32"]
+    if not bf16_native():  # a short look at what bf16 autocast costs where it is emulated
+        src, train, _, maps, runs = _cell_setup(t_cfg, size_t, 16 if fast else 140, 0, (0,))
+        kw = dict(maps=maps, iterations=2 if fast else 5, lr=1e-3, batch_size=t_cfg["batch_size"], device=device,
+                  show_progress=False)
+        t16 = timeit(lambda: finetune_cell(src, train, runs, precision="bf16", **kw), 1 if fast else 2)
+        t32 = timeit(lambda: finetune_cell(src, train, runs, precision="fp32", **kw), 1 if fast else 2)
+        res["bf16_emulated_slowdown"] = t16["median"] / t32["median"]
     p_cfg = PRESETS["paper"]
     p_size = 32 if fast else (p_cfg["image_size"]["iseg2019"] if device.type == "cuda" else 128)
     res["cell_paper"] = cell_times(p_cfg, p_size, 8, 0, 1 if fast else 2, None, (0,), 1 if fast else 2, device, ("fp32",))
@@ -542,6 +549,9 @@ def main(argv=None) -> int:
               f"{c['iterations']} iterations, {c['gflops'][k]:.1f} GFLOP/s in convolutions")
     if "bf16" in c["speedup"]:
         print(f"  bf16 autocast: {c['speedup']['bf16']:.2f}x the per-run loop")
+    else:
+        print(f"  bf16 autocast: no native BF16 here; {res['bf16_emulated_slowdown']:.1f}x slower than float32 "
+              f"(4 runs, a few iterations): precision='auto' keeps float32")
     line(f"paper U-Net cell ({cp['runs']} runs, {cp['image_size']}px)", f"{res['cell_speedup_vs_per_run_paper']:.2f}x",
          ">= 1x", res["cell_speedup_vs_per_run_paper"] >= 1)
     print(f"  groups of {cp['group_size']} run(s) (tutorial: {c['group_size']}; batched.plan_group_size's rule); "

@@ -39,6 +39,7 @@ def test_bench_fast_writes_all_keys(tmp_path):
     assert "dataset-level map (patch" in r.stdout
     k = res["compile"]  # traced by the eager backend under --fast; an error is recorded, never raised
     assert k["backend"] == "eager" and ("error" in k or (k["compiled_seconds_per_step"] > 0 and k["cell_speedup"] > 0))
+    assert res["bf16_native"] or res["bf16_emulated_slowdown"] > 0
     t = res["thread_split"]
     assert t["runs"] == 12 and len(t["seconds"]) == 3 and t["speedup_split_vs_one_process"] > 0
     assert "torch.compile (eager) of the step" in r.stdout and "thread split" in r.stdout

@@ -441,7 +441,8 @@ def finetune_cell(
         precision: ``"fp32"`` (default; exact), ``"bf16"`` (bfloat16 autocast of the decoder's
             forward pass; the loss, Adam and the weights stay float32) or ``"auto"`` (bf16 only
             where the hardware does it natively, see ``bf16_native``). ``make bench`` measures
-            what bf16 buys and how much it moves the held-out Dice.
+            what bf16 buys (where it is emulated, what it costs); ``benchmarks/gpu_check.py`` how
+            much it moves the held-out Dice against the spread over seeds.
         channels_last: keep decoders and features in the channels-last memory layout (True),
             or not (False); ``"auto"`` (default): ``batched.use_channels_last``'s measured rule
             (on the CPU for narrow U-Nets like the tutorial's, where it is faster; contiguous for the
