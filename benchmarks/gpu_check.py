@@ -117,6 +117,9 @@ def fets_cell(c: dict, dev, data_dir) -> dict:
     out["max_dice_difference"] = max(abs(v["batched_dice"] - v["per_run_dice"]) for v in out["runs"].values())
     # bf16 autocast of the decoder (finetune_cell's precision="bf16"): does the held-out Dice stay
     # within the spread over seeds? Per method: the fp32 mean and std over seeds, the bf16 mean.
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 0):  # T4 and older: no bf16 units
+        out["bf16"] = {"skipped": "no native bf16 on this GPU (compute capability < 8.0)"}
+        return out
     t0 = time.perf_counter()
     h16 = finetune_cell(src, train, runs, precision="bf16", **kw)
     out["bf16_seconds"] = time.perf_counter() - t0
@@ -176,10 +179,13 @@ def main(argv=None) -> int:
           + ", ".join(f"{m} batched {v['batched_dice']:.4f} / per-run {v['per_run_dice']:.4f}" for m, v in f["runs"].items())
           + f"; batched {f['batched_seconds']:.1f} s ({len(f['seeds'])} seeds), per-run {f['per_run_seconds']:.1f} s (seed "
           f"{f['seeds'][0]})", flush=True)
-    print(f"bf16 autocast ({f['bf16_seconds']:.1f} s): " + ", ".join(
-        f"{m} {v['bf16_mean']:.4f} vs fp32 {v['fp32_mean']:.4f} +- {v['fp32_std']:.4f} "
-        f"({'within' if v['within_seed_spread'] else 'OUTSIDE'} the spread over seeds)" for m, v in f["bf16"].items()),
-        flush=True)
+    if "skipped" in f["bf16"]:
+        print(f"bf16 autocast: skipped ({f['bf16']['skipped']})")
+    else:
+        print(f"bf16 autocast ({f['bf16_seconds']:.1f} s): " + ", ".join(
+            f"{m} {v['bf16_mean']:.4f} vs fp32 {v['fp32_mean']:.4f} +- {v['fp32_std']:.4f} "
+            f"({'within' if v['within_seed_spread'] else 'OUTSIDE'} the spread over seeds)" for m, v in f["bf16"].items()),
+            flush=True)
     est = {}
     if auto:
         est["seconds_per_5000_iterations_per_run"] = 5000 * auto["seconds_per_iteration_per_run"]
