@@ -74,6 +74,24 @@ def timeit(fn, reps: int, warmup: int = 1, sync=None) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "reps": reps}
 
 
+def interleaved(fns: dict, reps: int, sync=None, per: int = 1) -> dict:
+    """Time each of ``fns`` (name -> callable) ``reps`` times, interleaved: repetition r starts at
+    the r-th function, so drift on a shared machine falls on every contender alike. Seconds per
+    call divided by ``per``, summarised as ``timeit`` does."""
+    names = list(fns)
+    times = {k: [] for k in names}
+    for r in range(reps):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fns[k]()
+            if sync:
+                sync()
+            times[k].append((time.perf_counter() - t0) / per)
+    return {k: {"median": statistics.median(t), "min": min(t), "max": max(t), "reps": reps} for k, t in times.items()}
+
+
 def naive_pixel_leep(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """The classic LEEP recipe on flattened pixels: per-class loop for the joint, per-sample gather."""
     theta = probs.permute(0, 2, 3, 1).reshape(-1, probs.shape[1]).numpy()
@@ -176,18 +194,7 @@ def finetune_step_times(cfg: dict, size: int, batch: int, reps: int, steps: int,
 
         run()  # warm-up
         runners[method] = run
-    times = {m: [] for m in methods}
-    for r in range(reps):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
-        for m in order:
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            runners[m]()
-            if sync:
-                sync()
-            times[m].append((time.perf_counter() - t0) / steps)
-    return {m: {"median": statistics.median(t), "min": min(t), "max": max(t), "reps": reps} for m, t in times.items()}
+    return interleaved({m: runners[m] for m in methods}, reps, sync, per=steps)
 
 
 def conv_macs(model: UNet2D, size: int) -> dict:
@@ -259,18 +266,7 @@ def cell_times(cfg: dict, size: int, n_train: int, n_eval: int, iterations: int,
     group = {}
     for p in precisions:
         fns[p] = lambda p=p: group.setdefault(p, finetune_cell(src, train, runs, precision=p, **kw)[0])
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    times = {k: [] for k in fns}
-    for r in range(reps):
-        for k in (list(fns)[r % len(fns):] + list(fns)[: r % len(fns)]):
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            fns[k]()
-            if sync:
-                sync()
-            times[k].append(time.perf_counter() - t0)
-    out = {k: {"median": statistics.median(t), "min": min(t), "max": max(t), "reps": reps} for k, t in times.items()}
+    out = interleaved(fns, reps, torch.cuda.synchronize if device.type == "cuda" else None)
     macs = conv_macs(copy.deepcopy(src), size)
     steps = len(runs) * iterations
     # work actually done per training step: per run, encoder forward + decoder forward and backward
@@ -324,13 +320,7 @@ def thread_split(cfg: dict, size: int, n_train: int, n_eval: int, iterations: in
     inner = []
     fns = {f"one_process_{threads}_threads": lambda: one_process(threads), "one_process_1_thread": lambda: one_process(1),
            f"split_{parts}x1_thread": split}
-    times = {k: [] for k in fns}
-    for r in range(reps):
-        for k in (list(fns)[r % len(fns):] + list(fns)[: r % len(fns)]):
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    out = {k: {"median": statistics.median(t), "min": min(t), "max": max(t), "reps": reps} for k, t in times.items()}
+    out = interleaved(fns, reps)
     base = out[f"one_process_{threads}_threads"]["median"]
     return {"runs": len(runs), "iterations": iterations, "threads": threads, "parts": parts, "seconds": out,
             "split_compute_seconds": statistics.median(inner),

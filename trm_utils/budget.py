@@ -140,7 +140,6 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
     thread split: the tutorial's small U-Nets keep one thread busy better than two); the sources are
     trained (or loaded) first, here. The same runs as one after another, up to float rounding (the
     thread count changes the order of some sums)."""
-    import os
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -149,8 +148,7 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
     f = _family(family)
     name, sources, targets = family_tasks(family, preset)
     root = root if root is not None else _root(family, preset, data_dir)
-    cpus = os.cpu_count() or 1
-    workers = min(cpus, 4) if workers is None else int(workers)
+    workers, threads = E.cpu_workers(workers)
     jobs = []  # (tag, factor, size, source, cfg)
     for tag, k in (("T", 1), ("2T", factor)):
         cfg = budget_cfg(family, preset, k)
@@ -166,18 +164,13 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
                                   log=log))
     else:
         E.prepare_sources([(name, root, s) for s in sources], budget_cfg(family, preset, 1), device=device, log=log)
-        threads = max(1, cpus // workers)
-        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1] * (jobs[i][2] or 10**6))  # longest first
         if log:
             log(f"{family} grid: {len(jobs)} jobs (budget x size x source), {workers} at a time with {threads} "
                 f"thread(s) each")
-        args = [(name, root, jobs[i][3], targets, f["methods"], seeds, jobs[i][4], jobs[i][2], "cpu", threads)
-                for i in order]
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            done = list(pool.map(_grid_worker, args))
-        out = [None] * len(jobs)
-        for i, df in zip(order, done):
-            out[i] = df
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # submitted longest first
+            futures = {i: pool.submit(_grid_worker, (name, root, s, targets, f["methods"], seeds, cfg, n, "cpu", threads))
+                       for i, (_, k, n, s, cfg) in sorted(enumerate(jobs), key=lambda j: -j[1][1] * (j[1][2] or 10**6))}
+            out = [futures[i].result() for i in range(len(jobs))]
     runs = pd.concat([df.assign(budget=tag, family=family, n_slices=n)
                       for df, (tag, _, n, _, _) in zip(out, jobs)], ignore_index=True)
     return compare(runs), runs

@@ -287,6 +287,16 @@ def _train_source_worker(args) -> str:
     return info["path"]
 
 
+def cpu_workers(workers: Optional[int] = None) -> tuple:
+    """``(workers, threads)`` for jobs run side by side in worker processes on the CPU: ``workers``
+    (default one per core, at most 4) and ``cores // workers`` threads each (at least 1)."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    workers = min(cpus, 4) if workers is None else int(workers)
+    return workers, max(1, cpus // workers)
+
+
 def prepare_sources(jobs, cfg: dict, seed: int = 0, device="auto", cache_dir=None, workers: Optional[int] = None,
                     log=print) -> dict:
     """Train the source models of ``jobs`` (``[(name, root, task), ...]``) that are not cached yet,
@@ -301,16 +311,12 @@ def prepare_sources(jobs, cfg: dict, seed: int = 0, device="auto", cache_dir=Non
     worker is the same as one trained here with the same number of threads (seeded; cached by the
     same key).
     """
-    import os
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     device = get_device(device)
     missing = [(n, r, t) for n, r, t in jobs if not source_model_path(n, r, t, cfg, seed, cache_dir).exists()]
-    cpus = os.cpu_count() or 1
-    if workers is None:
-        workers = min(cpus, 4)
-    threads = max(1, cpus // int(workers))  # from the configured workers, not from how many are missing
+    workers, threads = cpu_workers(workers)  # from the configured workers, not from how many are missing
     if device.type == "cpu" and int(workers) > 1 and missing:
         workers = min(int(workers), len(missing))
         if log:
