@@ -10,9 +10,9 @@ NAME   ?= main
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-test test run book nbmake bench bench-fast calibrate clean-venv sync-notebooks colab-links sweep report
-STUDY ?= table1,table3,table2
+STUDY ?= table1,table3,table2,ablations
 SEEDS ?= 3
-SWEEP ?= runs/sweep/phantom-tutorial
+SWEEP ?= runs/sweep/phantom-v3
 
 setup: $(VENV)/.installed
 

@@ -145,7 +145,9 @@ def test_07_reproduce_paper_demo(smoke_run):
     out = smoke_run[0] / "07_reproduce_paper"
     assert (out / "demo-sweep" / "units").is_dir()
     units = pd.read_csv(out / "report" / "units.csv")
-    assert len(units) == 2 and (units.status == "done").all()
+    assert len(units) == 4 and (units.status == "done").all() and sorted(units.factor) == [1, 1, 2, 2]  # + the budget check
+    assert "Budget check (2 of 2 sampled cells" in (out / "report" / "report.md").read_text()
+    assert (out / "report" / "gain_by_iteration.png").exists()
     grid = pd.read_csv(out / "report" / "table1_iseg2019_grid.csv")
     assert {"trm", "paper_trm", "vanilla_std"} <= set(grid.columns) and (grid.source == "average").sum() == 1
     assert "trm_wins" in (out / "report" / "report.md").read_text()  # wins / ties / losses reported
@@ -154,4 +156,4 @@ def test_07_reproduce_paper_demo(smoke_run):
 def test_run_all_summary(smoke_run):
     text = summary_text(smoke_run[0])
     assert "tissue: mean Dice" in text and "trm" in text and "slices: vanilla" in text
-    assert "the paper's tables from the sweep" in text and "TRM vs vanilla: better in" in text
+    assert "the paper's tables from the sweep" in text and "TRM (dataset-level map)" in text and "EARLY-BUDGET" in text

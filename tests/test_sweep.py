@@ -86,6 +86,123 @@ def test_unit_hash_covers_what_decides_the_numbers(settings, fams):
     assert h != S.unit_hash(u2, cfg, sig, code)
 
 
+def test_budget_check_sample_is_fixed_by_rule_and_doubles_the_budget(settings, fams):
+    t1 = S.expand("table1", settings, fams)
+    chk = S.check_sample("table1", t1)
+    first = t1[0].target
+    assert len(chk) == 5 and {u.target for u in chk} == {first} and {u.factor for u in chk} == {S.CHECK_FACTOR}
+    assert [(u.source, u.target) for u in chk] == [(u.source, u.target) for u in t1 if u.target == first]
+    assert all(u.uid.endswith(f"-x{S.CHECK_FACTOR}") for u in chk) and not any(u.uid.endswith("-x2") for u in t1)
+    t3 = S.expand("table3", settings, fams)
+    c3 = S.check_sample("table3", t3)  # two targets, every size: at least 4 cells
+    assert len({u.target for u in c3}) == 2 and len(c3) == 2 * len(S.FEWSHOT_SIZES["smoke"]) >= 4
+    assert S.check_sample("ablations", S.expand("ablations", settings, fams)) == []
+    # the same schedule shape at 2T: budgets and evaluation interval doubled, the rest kept
+    cfg = E.get_preset("tutorial")
+    c2 = S.scale_budget(cfg, 2)
+    assert c2["iterations"] == {k: 2 * v for k, v in cfg["iterations"].items()}
+    assert c2["eval_every"] == {k: 2 * v for k, v in cfg["eval_every"].items()}
+    assert c2["fewshot"] == {"iterations": 2 * cfg["fewshot"]["iterations"], "eval_every": 2 * cfg["fewshot"]["eval_every"]}
+    assert {k: v for k, v in c2.items() if k not in ("iterations", "eval_every", "fewshot")} == \
+        {k: v for k, v in cfg.items() if k not in ("iterations", "eval_every", "fewshot")}
+    assert S.scale_budget(cfg, 1) is cfg and cfg["iterations"]["iseg2019"] == 600  # never modified in place
+    # a table's own unit hashes as it did before the check existed (finished units stay finished)
+    import hashlib
+    from dataclasses import asdict
+
+    u = t1[0]
+    sig, code = S.data_signature(fams), S.code_version()
+    old = {k: v for k, v in asdict(u).items() if k != "factor"}
+    key = json.dumps({"unit": old, "cfg": cfg, "data": sig.get(u.name), "code": code, "format": 1}, sort_keys=True, default=str)
+    assert S.unit_hash(u, cfg, sig, code) == hashlib.sha1(key.encode()).hexdigest()[:10]
+    assert S.unit_hash(chk[0], cfg, sig, code) != S.unit_hash(u, cfg, sig, code)
+
+
+def test_dry_run_lists_the_budget_check(tmp_path, settings, capsys):
+    args = ["run", "--study", "table1", "--dataset", "phantom", "--data-dir", settings.data_dir, "--preset", "smoke",
+            "--seeds", "2", "--targets", "GM-T1", "--out", str(tmp_path / "sw"), "--threads", "1", "--dry-run"]
+    assert S.main(args) == 0
+    out = capsys.readouterr().out
+    assert "10 units (0 done)" in out and out.count("-x2 ") == 5
+    assert S.main(args + ["--no-budget-check"]) == 0
+    assert "5 units (0 done)" in capsys.readouterr().out
+    assert not (tmp_path / "sw").exists()  # a dry run writes nothing
+
+
+def _fake_runs(cells, methods, seeds, dice, iterations, curve_step=None):
+    """Result rows as result.csv has them; ``dice(cell, method, seed)`` gives each run's final Dice."""
+    rows = []
+    for i, (src, tgt) in enumerate(cells):
+        for m in methods:
+            for sd in seeds:
+                d = dice(i, m, sd)
+                step = curve_step or iterations // 4
+                curve = [[it, d] for it in range(step, iterations + 1, step)]
+                rows.append({"study": "table1", "dataset": "iseg2019", "source": src, "target": tgt, "n_slices": np.nan,
+                             "method": m, "seed": sd, "dice": d, "iterations": iterations, "curve": json.dumps(curve)})
+    return pd.DataFrame(rows)
+
+
+def test_report_budget_check_verdicts():
+    cells = [(f"S{i}", "T0") for i in range(4)]
+    others = [(f"S{i}", "T1") for i in range(4)]
+    base = lambda i, m, sd: 0.6 + 0.01 * i + (0.02 if m == "trm" else 0.0) + 0.001 * sd  # noqa: E731
+    runs = pd.concat([_fake_runs(cells + others, ["vanilla", "trm"], [0, 1, 2], base, 600)], ignore_index=True)
+    ok = _fake_runs(cells, ["vanilla", "trm"], [0, 1, 2], lambda i, m, sd: base(i, m, sd) + 0.005, 1200)
+    chk = R.budget_check(runs, ok, planned=[f"u{i}" for i in range(4)])
+    assert chk["cells"] == 4 and chk["complete"] and chk["accepted"]  # the T side is the sample's cells only
+    assert chk["table"].dice_mean_T.round(6).tolist() == pytest.approx([0.616, 0.636])
+    assert R.check_label(chk).startswith("budget checked (4 cells, 600 vs 1200 iterations")
+    moved = _fake_runs(cells, ["vanilla", "trm"], [0, 1, 2],
+                       lambda i, m, sd: base(i, m, sd) + (0.03 if m == "trm" else 0.0), 1200)
+    bad = R.budget_check(runs, moved, planned=[f"u{i}" for i in range(4)])
+    assert not bad["accepted"] and R.check_label(bad).startswith("EARLY-BUDGET (budget check NOT passed on 4 cells")
+    assert "largest change of a mean Dice 0.0300" in R.check_label(bad)
+    part = R.budget_check(runs, ok[ok.source != "S3"], planned=[f"u{i}" for i in range(4)])
+    assert part["cells"] == 3 and not part["accepted"] and "incomplete: 3 of 4 cells" in R.check_label(part)
+    assert R.budget_check(runs, None) is None and R.check_label(None).startswith("EARLY-BUDGET (unchecked")
+    none_yet = R.budget_check(runs, ok.iloc[:0], planned=["u0", "u1"])  # planned, nothing finished
+    assert not none_yet["accepted"] and "not run yet: 0 of 2" in R.check_label(none_yet)
+
+
+def test_gain_by_iteration_reads_the_stored_curves():
+    rows = []
+    for m, (early, late) in {"vanilla": (0.4, 0.6), "trm": (0.5, 0.6)}.items():
+        for sd in (0, 1):  # trm learns faster, both end at 0.6: a gain of learning speed only
+            curve = [[100, early - 0.1], [200, early], [300, late], [400, late]]
+            rows.append({"method": m, "seed": sd, "dice": late, "iterations": 400, "curve": json.dumps(curve),
+                         "source": "S", "target": "T", "dataset": "iseg2019"})
+    g = R.gain_by_iteration(pd.DataFrame(rows)).set_index(["method", "iteration"])
+    assert sorted({i for _, i in g.index}) == [100, 200, 300, 400]  # from a quarter of the budget
+    assert g.loc[("trm", 200), "gain_pct"] == pytest.approx(25.0) and g.loc[("trm", 400), "gain_pct"] == pytest.approx(0.0)
+    assert g.loc[("vanilla", 300), "dice_mean"] == pytest.approx(0.6)
+    fig = R.gain_by_iteration_figure({"table1_iseg2019": g.reset_index()}, {"table1_iseg2019": 1.8})
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()][0] == "trm"
+
+
+def test_sweep_with_budget_check_reports_it(tmp_path, settings):
+    """A sweep runs its table's sample at 2T as units of their own; the report compares them and labels the table."""
+    out = tmp_path / "sw"
+    args = ["run", "--study", "table1", "--dataset", "phantom", "--data-dir", settings.data_dir, "--preset", "smoke",
+            "--seeds", "2", "--targets", "GM-T1", "--sources", "WM-T1,CSF-T1", "--out", str(out), "--threads", "1",
+            "--iterations", "4", "--no-progress"]
+    assert S.main(args) == 0
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["budget_check_factor"] == 2 and len(meta["budget_check"]["table1"]) == 2 and len(meta["planned"]["table1"]) == 2
+    units = {json.loads(f.read_text())["uid"]: json.loads(f.read_text()) for f in out.glob("units/*/unit.json")}
+    assert len(units) == 4 and all(u["status"] == "done" for u in units.values())
+    assert {u["parameters"]["iterations"] for k, u in units.items() if k.endswith("-x2")} == {8}
+    rep = R.build_report(out, n_boot=100)
+    assert set(rep["runs"].factor) == {1} and set(rep["check_runs"].iterations) == {8}  # never mixed into the table
+    s = rep["studies"]["table1_iseg2019"]
+    assert s["budget_check"]["cells"] == 2 and s["budget_check"]["complete"]
+    assert s["label"] in R.headline(rep)[0]
+    R.write_report(out, n_boot=100)
+    text = (out / "report" / "report.md").read_text()
+    assert "### Budget check (2 of 2 sampled cells, T vs 2T)" in text and "table1 2 of 2; budget check: table1 2 of 2" in text
+    assert (out / "report" / "table1_iseg2019_budget_check.csv").exists() and (out / "report" / "gain_by_iteration.png").exists()
+
+
 def test_open_sweep_refuses_to_mix(tmp_path, settings):
     out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
     S.open_sweep(out, settings, ["table3"])  # same settings, another study: fine
@@ -159,7 +276,7 @@ def test_sweep_killed_and_resumed(tmp_path, settings):
     cmd = [sys.executable, "-m", "trm_utils.sweep", "run", "--study", "table1", "--dataset", "phantom",
            "--data-dir", settings.data_dir, "--preset", "smoke", "--seeds", "2", "--targets", "GM-T1",
            "--sources", "WM-T1,CSF-T1,GM-T2", "--out", str(out), "--no-progress", "--threads", "1",
-           "--iterations", "4"]
+           "--iterations", "4", "--no-budget-check"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

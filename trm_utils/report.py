@@ -17,6 +17,12 @@ reported, per study:
 - each run's status (``experiments.run_status``: flat / overfit / rising on the held-out curve
   smoothed over 3 evaluations) and the runs ending below Dice 0.05, counted per method: a number
   from runs still rising says how fast a method learns, not where it ends;
+- the budget check (``budget.compare``, the finished-learning rule): on each table's sample of cells
+  (``sweep.check_sample``, fixed before any result) each method's mean Dice and gain over vanilla at
+  the budget T and at 2T; a table whose check fails (or has none) is labelled **early-budget**
+  wherever its numbers are printed;
+- each method's gain over vanilla read at every evaluation from a quarter of the budget to the end
+  (``gain_by_iteration``): whether a gain is one of learning speed or of where the runs end;
 - source ranking (Tables I, II): per target, Kendall's tau between each source's pixel-LEEP and
   the Dice fine-tuning from it reached, averaged over targets (only with >= 3 sources);
 - seaborn heatmaps of the grids and of the gains.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -55,15 +62,17 @@ def load_sweep(out) -> tuple:
     units, frames = [], []
     for f in sorted((out / "units").glob("*/unit.json")):
         u = json.loads(f.read_text())
-        units.append({"uid": u["uid"], "hash": u["hash"], "study": u["unit"]["study"], "status": u["status"],
+        units.append({"uid": u["uid"], "hash": u["hash"], "study": u["unit"]["study"],
+                      "factor": int(u["unit"].get("factor", 1)), "status": u["status"],
                       "seconds": u.get("seconds"), "finished": u.get("finished"), "error": u.get("error"), "dir": str(f.parent)})
-    units = pd.DataFrame(units, columns=["uid", "hash", "study", "status", "seconds", "finished", "error", "dir"])
+    units = pd.DataFrame(units, columns=["uid", "hash", "study", "factor", "status", "seconds", "finished", "error", "dir"])
     done = units[units.status == "done"].sort_values("finished").drop_duplicates("uid", keep="last")
     for u in done.itertuples():
         r = pd.read_csv(Path(u.dir) / "result.csv")
         r.insert(0, "study", u.study)
         r.insert(1, "uid", u.uid)
         r["hash"] = u.hash
+        r["factor"] = u.factor  # 1: the table's runs; > 1: its budget check
         frames.append(r)
     runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return runs, units
@@ -196,6 +205,12 @@ def gains_table(runs: pd.DataFrame, study: str, reference: str = "trm", n_boot: 
             v = base.values
             row["gain_pct"] = 100 * (a.values.mean() - v.mean()) / v.mean()
             row["gain_ci_low"], row["gain_ci_high"] = bootstrap_gain(a.values, v, n_boot) if m != "vanilla" else (0.0, 0.0)
+            if m != "vanilla":  # this method against vanilla over cells (both readings of TRM get theirs)
+                d = a.values.mean(axis=1) - v.mean(axis=1)
+                row["vs_vanilla_wins"] = int((d > TIE).sum())
+                row["vs_vanilla_ties"] = int((np.abs(d) <= TIE).sum())
+                row["vs_vanilla_losses"] = int((d < -TIE).sum())
+                row["vs_vanilla_wilcoxon_p"] = wilcoxon_p(a.values.mean(axis=1), v.mean(axis=1))
         if reference in mats and m != reference and mats[reference].index.equals(a.index):
             d = mats[reference].values.mean(axis=1) - a.values.mean(axis=1)
             row[f"{reference}_wins"] = int((d > TIE).sum())
@@ -255,7 +270,92 @@ def source_ranking(runs: pd.DataFrame, method: str = "vanilla") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def budget_check(runs: pd.DataFrame, checks: pd.DataFrame, planned: Optional[list] = None) -> Optional[dict]:
+    """The finished-learning rule on a table's sample: ``checks`` (the sample's runs at 2T, one
+    study) against ``runs``' runs of the same cells at T. Returns ``{"table": budget.compare's
+    table, "cells": n, "planned": n planned, "complete": bool, "accepted": bool}`` (None with no
+    check run). Only cells finished at both budgets are compared; ``accepted`` needs every planned
+    cell (an incomplete check accepts nothing)."""
+    from . import budget as B
+
+    if checks is None or checks.empty:
+        return {"table": None, "cells": 0, "planned": len(planned), "complete": False, "accepted": False} if planned else None
+    keys = ["source", "target", "n_slices"]
+    cells = checks[keys].drop_duplicates().merge(runs[keys].drop_duplicates(), on=keys)
+    if cells.empty:
+        return {"table": None, "cells": 0, "planned": len(planned or []), "complete": False, "accepted": False}
+    t = runs.merge(cells, on=keys).assign(budget="T")
+    c = checks.merge(cells, on=keys).assign(budget="2T")
+    both = pd.concat([t, c], ignore_index=True)
+    both["family"] = both.dataset
+    if both.n_slices.isna().all():
+        both = both.drop(columns="n_slices")
+    table = B.compare(both)
+    n_planned = len(planned) if planned else len(cells)
+    complete = len(cells) >= n_planned
+    return {"table": table, "cells": len(cells), "planned": n_planned, "complete": complete,
+            "accepted": bool(complete and table.accepted.iloc[0])}
+
+
+def check_label(chk: Optional[dict]) -> str:
+    """The label a table's numbers carry: ``budget checked`` or ``EARLY-BUDGET (...)`` with the figures."""
+    from . import budget as B
+
+    if chk is None:
+        return "EARLY-BUDGET (unchecked: no budget-check units in this sweep)"
+    if chk["table"] is None:
+        return f"EARLY-BUDGET (budget check not run yet: 0 of {chk['planned']} sampled cells done at both budgets)"
+    t = chk["table"]
+    its = f"{int(t.iterations_T.iloc[0])} vs {int(t.iterations_2T.iloc[0])} iterations"
+    size = (f"largest change of a mean Dice {t.d_dice.abs().max():.4f} (limit {B.DICE_TOL}), of a gain "
+            f"{t.d_gain.abs().max():.2f} points (limit {B.GAIN_TOL:g})")
+    if not chk["complete"]:
+        return f"EARLY-BUDGET (budget check incomplete: {chk['cells']} of {chk['planned']} cells at {its}; so far {size})"
+    if chk["accepted"]:
+        return f"budget checked ({chk['cells']} cells, {its}: {size})"
+    return f"EARLY-BUDGET (budget check NOT passed on {chk['cells']} cells, {its}: {size})"
+
+
+def gain_by_iteration(runs: pd.DataFrame, start_fraction: float = 0.25) -> pd.DataFrame:
+    """Each method's mean held-out Dice and relative gain over vanilla read at every evaluation
+    from ``start_fraction`` of the budget to its end (``experiments.dice_at`` on the stored curves:
+    the same runs, read early). One row per (method, iteration); the last is the table's number."""
+    last = int(runs.iterations.max())
+    its = sorted({int(i) for c in runs.curve for i, _ in json.loads(c) if int(i) >= start_fraction * last})
+    rows = []
+    for it in its:
+        g = E.dice_at(runs, it).groupby("method", sort=False).dice.mean()
+        for m, d in g.items():
+            rows.append({"method": m, "iteration": it, "dice_mean": float(d),
+                         "gain_pct": 100 * (d - g["vanilla"]) / g["vanilla"] if "vanilla" in g else np.nan})
+    return pd.DataFrame(rows, columns=["method", "iteration", "dice_mean", "gain_pct"])
+
+
 # ----------------------------------------------------------------------------- figures
+
+def gain_by_iteration_figure(curves: dict, paper: Optional[dict] = None):
+    """One panel per table: each method's gain over vanilla (%) against the iteration at which the
+    runs are read (``curves``: {key: ``gain_by_iteration`` frame}); the paper's TRM gain dashed.
+    A gain that shrinks towards the end is one of learning speed; a stable one, of where runs end."""
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k, g in curves.items() if len(g))
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        g = curves[key]
+        for m, d in g[g.method != "vanilla"].groupby("method", sort=False):
+            ax.plot(d.iteration, d.gain_pct, marker=".", label=m, lw=2.2 if m == "trm" else 1.2)
+        ax.axhline(0, color="k", lw=0.8)
+        if paper and pd.notna(paper.get(key, np.nan)):
+            ax.axhline(paper[key], color="k", ls="--", lw=1, label="paper: TRM")
+        ax.set_xlabel("iteration the runs are read at")
+        ax.set_ylabel("gain over vanilla (%)")
+        ax.set_title(key, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("Gain over vanilla against the iteration it is read at (mean over cells and seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
 
 def grid_heatmaps(runs: pd.DataFrame, study: str, title: str = ""):
     """One panel per method of the grid's Dice (target rows, source columns), and one of TRM's
@@ -387,14 +487,24 @@ def build_report(out, n_boot: int = 2000) -> dict:
     """Every table of the report as DataFrames (and the units' status): what notebook 07 shows."""
     runs, units = load_sweep(out)
     settings = settings_of(out)
-    rep = {"settings": settings, "units": units, "runs": runs, "studies": {}}
+    checks = runs[runs.factor > 1] if len(runs) else runs
+    runs = runs[runs.factor == 1] if len(runs) else runs
+    rep = {"settings": settings, "units": units, "runs": runs, "check_runs": checks, "studies": {}}
     if runs.empty:
         return rep
     rep["status"] = status_counts(runs)
+    if len(checks):
+        rep["check_status"] = status_counts(checks)
+    planned = settings.get("budget_check") or {}
     for study, r in runs.groupby("study", sort=False):
         for name, rr in r.groupby("dataset", sort=False):
             key = f"{study}_{name}"
             s = {"study": study, "dataset": name, "runs": rr}
+            if study != "ablations":
+                cc = checks[(checks.study == study) & (checks.dataset == name)] if len(checks) else None
+                s["budget_check"] = budget_check(rr, cc, planned.get(study))
+                s["label"] = check_label(s["budget_check"])
+                s["gain_by_iteration"] = gain_by_iteration(rr)
             if study == "table3":
                 smap = fewshot_sizes_map(settings, rr)
                 s["grid"] = grid_table(rr, study, smap)
@@ -418,16 +528,21 @@ def headline(rep: dict) -> list:
         if "trm" not in g.index or "vanilla" not in g.index or "gain_pct" not in g:
             continue
         t = g.loc["trm"]
-        line = (f"{key}: TRM {t.dice_mean:.4f} vs vanilla {g.loc['vanilla', 'dice_mean']:.4f}: {t.gain_pct:+.2f}% "
-                f"(95% CI {t.gain_ci_low:+.2f} to {t.gain_ci_high:+.2f}) over {int(t.n_cells)} cells x {int(t.n_seeds)} seeds")
-        if "paper_gain_pct" in g and pd.notna(t.get("paper_gain_pct")):
-            line += f"; paper {t.paper_gain_pct:+.2f}%"
-        if E.IMAGE_READING in g.index:  # the other reading of eq. 4, beside the default
-            v = g.loc[E.IMAGE_READING]
-            line += (f"\n    TRM on per-image maps ({E.IMAGE_READING}) {v.dice_mean:.4f}: {v.gain_pct:+.2f}% "
-                     f"(95% CI {v.gain_ci_low:+.2f} to {v.gain_ci_high:+.2f})")
+        line = f"{key}" + (f" [{s['label']}]" if "label" in s else "") + ":"
+        for m, what in (("trm", "TRM (dataset-level map)"), (E.IMAGE_READING, f"TRM on per-image maps ({E.IMAGE_READING})")):
+            if m not in g.index:  # both readings of eq. 4, side by side
+                continue
+            v = g.loc[m]
+            line += (f"\n    {what} {v.dice_mean:.4f} vs vanilla {g.loc['vanilla', 'dice_mean']:.4f}: {v.gain_pct:+.2f}% "
+                     f"(95% CI {v.gain_ci_low:+.2f} to {v.gain_ci_high:+.2f}) over {int(v.n_cells)} cells x {int(v.n_seeds)} seeds")
+            if "vs_vanilla_wins" in g and pd.notna(v.get("vs_vanilla_wins")):
+                p = v.vs_vanilla_wilcoxon_p
+                line += (f"; better in {int(v.vs_vanilla_wins)}, tied in {int(v.vs_vanilla_ties)}, worse in "
+                         f"{int(v.vs_vanilla_losses)} cells, Wilcoxon p = " + ("n/a" if pd.isna(p) else f"{p:.2g}"))
+            if m == "trm" and "paper_gain_pct" in g and pd.notna(t.get("paper_gain_pct")):
+                line += f"; paper {t.paper_gain_pct:+.2f}%"
         for b in g.index:
-            if b != "trm" and "trm_wins" in g and pd.notna(g.loc[b, "trm_wins"]):
+            if b not in ("trm", "vanilla") and "trm_wins" in g and pd.notna(g.loc[b, "trm_wins"]):
                 p = g.loc[b, "trm_wilcoxon_p"]
                 line += (f"\n    TRM vs {b}: better in {int(g.loc[b, 'trm_wins'])}, tied in {int(g.loc[b, 'trm_ties'])}, "
                          f"worse in {int(g.loc[b, 'trm_losses'])} cells; Wilcoxon p = "
@@ -445,6 +560,13 @@ def report_text(rep: dict) -> str:
              "held-out test subjects at the end of the run; ± std over seeds. Gains: 100 x (mean - vanilla) / vanilla over "
              f"all cells, 95 % bootstrap interval (cells and seeds resampled); TRM wins / ties / losses over cells "
              f"(tie: |Δ| <= {TIE}); p: paired Wilcoxon signed-rank over cells.", ""]
+    planned = rep["settings"].get("planned") or {}
+    if planned:
+        done = set(units[units.status == "done"].uid)
+        lines += ["Planned units done, per study: " + "; ".join(
+            f"{st} {sum(u in done for u in us)} of {len(us)}" for st, us in planned.items())
+            + "; budget check: " + ("; ".join(f"{st} {sum(u in done for u in us)} of {len(us)}"
+                                              for st, us in (rep["settings"].get("budget_check") or {}).items()) or "none"), ""]
     failed = units[units.status == "failed"]
     if len(failed):
         lines += ["## Failed units", ""] + [f"- {u.uid}: {u.error}" for u in failed.itertuples()] + [""]
@@ -457,9 +579,21 @@ def report_text(rep: dict) -> str:
                   f"maximum is more than {E.OVERFIT_TOL} above the smoothed end (finished learning; `max_drop` is the "
                   "largest such drop), `flat` otherwise. A gain from rising runs is a statement about how fast the "
                   "methods learn, not where they end.", "", markdown(rep["status"]), ""]
+    if "check_status" in rep:
+        lines += ["Status of the budget checks' runs (at 2T):", "", markdown(rep["check_status"]), ""]
     for key, s in rep["studies"].items():
-        lines += [f"## {TITLES.get(s['study'], s['study'])}: {s['dataset']}", "", "### Gains", "",
-                  markdown(s["gains"].reset_index(), 4), ""]
+        lines += [f"## {TITLES.get(s['study'], s['study'])}: {s['dataset']}", ""]
+        if "label" in s:
+            lines += [f"**{s['label']}**", ""]
+        chk = s.get("budget_check")
+        if chk is not None and chk["table"] is not None:
+            cols = [c for c in ("n_slices", "method", "iterations_T", "iterations_2T", "dice_mean_T", "dice_mean_2T", "d_dice",
+                                "gain_pct_T", "gain_pct_2T", "d_gain", "ok") if c in chk["table"]]
+            tb = chk["table"][cols]
+            if "n_slices" in tb and tb.n_slices.isna().all():
+                tb = tb.drop(columns="n_slices")
+            lines += [f"### Budget check ({chk['cells']} of {chk['planned']} sampled cells, T vs 2T)", "", markdown(tb, 4), ""]
+        lines += ["### Gains", "", markdown(s["gains"].reset_index(), 4), ""]
         if "gains_all" in s:
             lines += ["All sizes together:", "", markdown(s["gains_all"].reset_index(), 4), ""]
         if "ranking" in s:
@@ -492,12 +626,24 @@ def write_report(out, n_boot: int = 2000, dest=None) -> list:
     files.append(E.write_csv(rep["units"].drop(columns=["dir"]), d / "units.csv"))
     if "status" in rep:
         files.append(E.write_csv(rep["status"], d / "status.csv"))
+    curves, paper = {}, {}
     for key, s in rep["studies"].items():
         files.append(E.write_csv(s["grid"], d / f"{key}_grid.csv"))
         files.append(E.write_csv(s["gains"].reset_index(), d / f"{key}_gains.csv"))
+        if s.get("budget_check") is not None and s["budget_check"]["table"] is not None:
+            files.append(E.write_csv(s["budget_check"]["table"], d / f"{key}_budget_check.csv"))
+        if "gain_by_iteration" in s:
+            files.append(E.write_csv(s["gain_by_iteration"], d / f"{key}_gain_by_iteration.csv"))
+            curves[key] = s["gain_by_iteration"]
+            g = s.get("gains_all", s["gains"])
+            paper[key] = g.loc["trm", "paper_gain_pct"] if "paper_gain_pct" in g and "trm" in g.index else np.nan
         if "ranking" in s:
             files.append(E.write_csv(s["ranking"], d / f"{key}_ranking.csv"))
         fig = study_figure(s)
         files.append(_save_fig(fig, d / f"{key}_heatmap.png"))
+        plt.close(fig)
+    if curves:
+        fig = gain_by_iteration_figure(curves, paper)
+        files.append(_save_fig(fig, d / "gain_by_iteration.png"))
         plt.close(fig)
     return files

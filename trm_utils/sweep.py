@@ -19,6 +19,14 @@ Layout of a sweep folder ``OUT``::
     OUT/units/<unit>-<hash>/<unit>.ipynb  the executed notebook
     OUT/report/                         tables, statistics and heatmaps (``report``)
 
+**The budget check** (the finished-learning rule, ``budget.py``): every sweep of Tables I-III also
+runs a sample of each table's cells at ``CHECK_FACTOR`` (2) x the budget, with the same schedule
+shape (``scale_budget``), as units of their own (``<unit>-x2``). The sample is fixed by a rule that
+never looks at results (``check_sample``: every cell of the table's first target, of its first
+two for Table III) and is written into ``sweep.json``; the report compares each method's mean Dice
+and gain over vanilla on those cells at T and 2T and labels a table whose check fails
+**early-budget**. ``--no-budget-check`` leaves the sample out.
+
 ``<hash>`` covers everything that determines a unit's numbers: the cell, methods, seeds, the
 resolved preset, the data's signature and the source code of the method's modules. A unit
 whose ``unit.json`` says done is skipped; a killed sweep loses the units in flight only
@@ -28,6 +36,7 @@ rest go on; running the same command again retries only what is not done.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -65,6 +74,11 @@ STUDY_METHODS = {"table1": (*E.CORE_METHODS, E.IMAGE_READING), "table2": (*E.COR
 #: are not: editing them never invalidates finished units.
 METHOD_MODULES = ("leep", "maps", "risk", "losses", "train", "batched", "unet", "slices", "datasets", "metrics")
 UNIT_NOTEBOOK = REPO_ROOT / "notebooks" / "06_transfer_cell.ipynb"
+#: The budget check: the sampled cells run again at this multiple of the budget.
+CHECK_FACTOR = 2
+#: How many targets (in the paper's task order) give the check its cells, per table: every cell
+#: of the first target (5 cells in Tables I and II; Table III: 2 targets x every size = 6).
+CHECK_TARGETS = {"table1": 1, "table2": 1, "table3": 2}
 
 
 class SweepError(ValueError):
@@ -83,11 +97,13 @@ class Unit:
     n_slices: Optional[int]
     methods: tuple
     seeds: tuple
+    factor: int = 1       # the budget's multiple: 1 for a table's cell, CHECK_FACTOR for its budget check
 
     @property
     def uid(self) -> str:
         size = f"-n{self.n_slices}" if self.n_slices else ""
-        return f"{self.study}-{self.name}-{self.source}-to-{self.target}{size}"
+        x = f"-x{self.factor}" if self.factor != 1 else ""
+        return f"{self.study}-{self.name}-{self.source}-to-{self.target}{size}{x}"
 
 
 @dataclass
@@ -189,6 +205,39 @@ def expand(study: str, settings: Settings, fams: dict, methods=None, sources=Non
     return units
 
 
+def check_sample(study: str, units: list, factor: int = CHECK_FACTOR) -> list:
+    """The budget check's units of ``study``: its units (as ``expand`` gives them, cells in the
+    paper's task order) whose target is one of the first ``CHECK_TARGETS[study]`` targets, at
+    ``factor`` x the budget. A rule fixed before any result: which cells never depends on what
+    they gave. Empty for a study without a check (the ablations)."""
+    from dataclasses import replace
+
+    k = CHECK_TARGETS.get(study, 0)
+    targets = list(dict.fromkeys(u.target for u in units if u.study == study))[:k]
+    return [replace(u, factor=int(factor)) for u in units if u.study == study and u.target in targets]
+
+
+def scale_budget(cfg: dict, factor: int) -> dict:
+    """``cfg`` with every fine-tuning budget x ``factor``: ``iterations`` and ``eval_every`` (per
+    dataset where they are dicts), the few-shot block's too; the learning rate, its decay's
+    fraction of the run and everything else kept: the same schedule shape, read as often relative
+    to the run (as ``budget.budget_cfg``)."""
+    if int(factor) == 1:
+        return cfg
+    out = copy.deepcopy(cfg)
+
+    def mul(v):
+        if isinstance(v, dict):
+            return {k: mul(x) for k, x in v.items()}
+        return None if v is None else int(v) * int(factor)
+
+    for block in (out, out.get("fewshot") or {}):
+        for k in ("iterations", "eval_every"):
+            if k in block:
+                block[k] = mul(block[k])
+    return out
+
+
 # ----------------------------------------------------------------------------- hashing
 
 def code_version() -> str:
@@ -210,15 +259,22 @@ def data_signature(fams: dict) -> dict:
 
 
 def unit_hash(unit: Unit, cfg: dict, signature: dict, code: str) -> str:
-    key = json.dumps({"unit": asdict(unit), "cfg": cfg, "data": signature.get(unit.name), "code": code,
+    u = asdict(unit)
+    if u.get("factor", 1) == 1:  # a table's own cell hashes as before the budget check existed
+        u.pop("factor", None)
+    key = json.dumps({"unit": u, "cfg": cfg, "data": signature.get(unit.name), "code": code,
                       "format": 1}, sort_keys=True, default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- the sweep folder
 
-def open_sweep(out, settings: Settings, studies) -> Path:
-    """Create ``out`` or check that it holds a sweep with the same settings (never mix two)."""
+def open_sweep(out, settings: Settings, studies, planned: Optional[dict] = None) -> Path:
+    """Create ``out`` or check that it holds a sweep with the same settings (never mix two).
+
+    ``planned``: ``{"units": {study: [uid, ...]}, "budget_check": {study: [uid, ...]}}``, the units
+    this command plans, merged into ``sweep.json`` (the report counts what is still missing, and
+    the budget check's sample is on record before its first result)."""
     out = resolve_path(out)
     meta = out / "sweep.json"
     mine = asdict(settings)
@@ -232,12 +288,22 @@ def open_sweep(out, settings: Settings, studies) -> Path:
                              f"give a new --out folder, or delete {out} to start over")
         studies = sorted(set(theirs.get("studies", [])) | set(studies))
         created = theirs.get("created")
+        before = {k: theirs.get(k) or {} for k in ("planned", "budget_check")}
     elif out.exists() and any(out.iterdir()):
         raise SweepError(f"{out} exists and is not a sweep folder (no sweep.json); give a new --out folder")
     else:
         created = time.strftime("%Y-%m-%d %H:%M:%S")
+        before = {"planned": {}, "budget_check": {}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(meta, {"settings": mine, "studies": sorted(set(studies)), "created": created})
+    planned = planned or {}
+    rec = {"settings": mine, "studies": sorted(set(studies)), "created": created}
+    for key, new in (("planned", planned.get("units") or {}), ("budget_check", planned.get("budget_check") or {})):
+        merged = {st: sorted(set(before[key].get(st, [])) | set(new.get(st, []))) for st in {*before[key], *new}}
+        if merged:
+            rec[key] = dict(sorted(merged.items()))
+    if "budget_check" in rec:
+        rec["budget_check_factor"] = CHECK_FACTOR
+    atomic_write_json(meta, rec)
     return out
 
 
@@ -440,7 +506,7 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto",
     for u in units:
         groups = len(u.seeds) if u.n_slices else 1
         n_runs = len(u.methods) * (1 if u.n_slices else len(u.seeds))
-        sec = 1.1 * groups * int(E.for_dataset(cfg, u.name)["iterations"]) * per_iteration(u.name, n_runs)
+        sec = 1.1 * groups * u.factor * int(E.for_dataset(cfg, u.name)["iterations"]) * per_iteration(u.name, n_runs)
         if (u.name, u.source) not in seen_sources and not _source_cached(u, fams, cfg, cache_dir):
             sec += E.source_iterations(cfg, u.name) * per_iteration(u.name, 1)
         seen_sources.add((u.name, u.source))
@@ -479,20 +545,31 @@ def export(out, dest) -> int:
 # ----------------------------------------------------------------------------- the command line
 
 def plan(studies, settings: Settings, out, methods=None, sources=None, targets=None, sizes=None,
-         device="auto", num_threads=0, cache_dir=None) -> tuple:
-    """(out folder, fams, [(unit, spec, status)]) for ``studies`` under ``settings``."""
+         device="auto", num_threads=0, cache_dir=None, budget_check: bool = True) -> tuple:
+    """(out folder, fams, [(unit, spec, status)]) for ``studies`` under ``settings``: each study's
+    cells, then (``budget_check``) its budget check's sample at ``CHECK_FACTOR`` x the budget."""
     fams = families_of(settings)
     units = []
     for st in studies:
-        units += expand(st, settings, fams, methods, sources, targets, sizes)
+        mine = expand(st, settings, fams, methods, sources, targets, sizes)
+        units += mine + (check_sample(st, mine) if budget_check else [])
     cfg, sig, code = settings.cfg(), data_signature(fams), code_version()
     out = resolve_path(out)
     rows = []
     for u in units:
-        h = unit_hash(u, cfg, sig, code)
-        spec = unit_spec(out, u, settings, cfg, h, device, num_threads, cache_dir)  # the cfg that was hashed
+        ucfg = scale_budget(cfg, u.factor)
+        h = unit_hash(u, ucfg, sig, code)
+        spec = unit_spec(out, u, settings, ucfg, h, device, num_threads, cache_dir)  # the cfg that was hashed
         rows.append((u, spec, unit_status(Path(spec["dir"]))))
     return out, fams, rows
+
+
+def planned_of(rows: list) -> dict:
+    """What ``open_sweep`` records of a plan: each study's table units and budget-check units."""
+    out = {"units": {}, "budget_check": {}}
+    for u, _, _ in rows:
+        out["units" if u.factor == 1 else "budget_check"].setdefault(u.study, []).append(u.uid)
+    return out
 
 
 def _split(text):
@@ -525,6 +602,8 @@ def main(argv=None) -> int:
     r.add_argument("--gpus-per-job", type=int, default=0, help="slurm: GPUs per job")
     r.add_argument("--cpus-per-job", type=int, default=4, help="slurm: CPUs per job")
     r.add_argument("--array-parallelism", type=int, default=8, help="slurm: jobs of the array running at once")
+    r.add_argument("--no-budget-check", action="store_true",
+                   help=f"leave out the budget check (each table's sample of cells at {CHECK_FACTOR}x the budget)")
     r.add_argument("--dry-run", action="store_true", help="list the units and their estimated cost; run nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = sub.add_parser("report", help="tables, statistics and heatmaps of a sweep folder")
@@ -567,21 +646,22 @@ def _run(args) -> int:
     sizes = [int(x) for x in _split(args.sizes)] if args.sizes else None
     if args.dry_run:
         out_p, fams, rows = plan(studies, settings, out, _split(args.methods), _split(args.sources),
-                                 _split(args.targets), sizes, args.device, threads, args.cache_dir)
+                                 _split(args.targets), sizes, args.device, threads, args.cache_dir,
+                                 not args.no_budget_check)
         est = estimate_seconds([u for u, _, st in rows if st != "done"], settings, fams, args.device, args.cache_dir)
         total = 0.0
         for u, spec, st in rows:
             sec = est.get(u.uid, 0.0)
             total += sec
-            print(f"{u.uid:<48} {st:<7} {len(u.methods)} methods x {len(u.seeds)} seeds  ~{sec / 60:5.1f} min")
+            print(f"{u.uid:<51} {st:<7} {len(u.methods)} methods x {len(u.seeds)} seeds  ~{sec / 60:5.1f} min")
         print(f"{len(rows)} units ({sum(st == 'done' for *_, st in rows)} done) in {out_p}; "
               f"estimated {total / 3600:.2f} h on this machine ({args.device}, {workers} worker(s))")
         return 0
     if args.executor == "slurm":
         slurm_executor(Path(out) / "slurm", partition=args.partition)  # fail early when submitit/sbatch are missing
-    out_p = open_sweep(out, settings, studies)
-    _, fams, rows = plan(studies, settings, out_p, _split(args.methods), _split(args.sources), _split(args.targets),
-                         sizes, args.device, threads, args.cache_dir)
+    out_p, fams, rows = plan(studies, settings, out, _split(args.methods), _split(args.sources), _split(args.targets),
+                             sizes, args.device, threads, args.cache_dir, not args.no_budget_check)
+    open_sweep(out_p, settings, studies, planned_of(rows))
     todo = [spec for _, spec, st in rows if st != "done"]
     print(f"{len(rows)} units, {len(rows) - len(todo)} already done, {len(todo)} to run -> {out_p}")
     t0 = time.perf_counter()
