@@ -2,6 +2,7 @@
 the submitit path (submitit's LocalExecutor), and the report on a smoke sweep."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,7 +313,17 @@ def test_sweep_killed_and_resumed(tmp_path, settings):
     assert not list((tmp_path / "shared").rglob("*.ipynb"))
     R.write_report(tmp_path / "shared", n_boot=200)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "shared" / "report" / "table1_iseg2019_grid.csv"), grid)
-    assert S.main(["export", str(out), str(tmp_path / "shared")]) == 2  # never into a folder in use
+    # exporting again brings the copy up to date: nothing new here, so nothing copied and nothing changed
+    stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "shared" / "units").rglob("*")}
+    assert S.export(out, tmp_path / "shared") == 0
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "shared" / "units").rglob("*")} == stamps
+    newest = sorted((tmp_path / "shared" / "units").glob("*"))[-1]
+    shutil.rmtree(newest)  # a unit that finished after the first export
+    assert S.export(out, tmp_path / "shared") == 1 and S.unit_status(newest) == "done"
+    other = tmp_path / "other"  # never into a folder of something else
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert S.main(["export", str(out), str(other)]) == 2 and (other / "notes.txt").read_text() == "mine"
 
 
 def test_submitit_local_executor(tmp_path, settings, fams):
@@ -358,29 +369,35 @@ def test_source_ranking_needs_three_sources():
     assert rk.loc["A", "kendall_tau"] == pytest.approx(1.0) and np.isnan(rk.loc["B", "kendall_tau"])
 
 
-@pytest.mark.parametrize("folder", ["phantom-tutorial", "phantom-tutorial-v2"])
-def test_committed_phantom_sweep_reports(folder):
-    """The phantom sweeps committed under results/ (the second is notebook 07's default) are complete
-    per unit and report."""
-    out = REPO_ROOT / "results" / folder
+def test_committed_phantom_sweep_reports():
+    """The phantom sweep committed under results/ (notebook 07's default) is complete per unit, its
+    units are the planned ones, its budget-check runs stay out of the tables, and it reports."""
+    out = REPO_ROOT / "results" / "phantom-v3"
     units = sorted((out / "units").glob("*/unit.json"))
-    assert units, f"{out} holds no units: python -m trm_utils.sweep export runs/sweep/phantom-tutorial {out}"
-    settings = json.loads((out / "sweep.json").read_text())["settings"]
+    assert units, f"{out} holds no units: python -m trm_utils.sweep export runs/sweep/phantom-v3 {out}"
+    meta = json.loads((out / "sweep.json").read_text())
+    settings = meta["settings"]
     assert settings["preset"] == "tutorial" and len(settings["seeds"]) >= 3
+    planned = {u for kind in ("planned", "budget_check") for us in meta[kind].values() for u in us}
+    assert {json.loads(f.read_text())["uid"] for f in units} <= planned
+    assert all(len(us) >= 4 for us in meta["budget_check"].values())  # at least 4 cells per table's check
     rep = R.build_report(out, n_boot=100)
-    runs = rep["runs"]
-    assert (rep["units"].status == "done").all()
+    runs = pd.concat([rep["runs"], rep["check_runs"]])
+    assert (rep["units"].status == "done").all() and set(rep["runs"].factor) == {1}
     per_unit = runs.groupby("uid").apply(lambda g: (sorted(set(g.method)), g.seed.nunique()), include_groups=False)
     for f in units:  # every method and seed of every unit
         u = json.loads(f.read_text())
         assert per_unit[u["uid"]] == (sorted(u["unit"]["methods"]), len(settings["seeds"])), u["uid"]
-    st = rep["status"]  # counted per study, dataset and method; every run counted once
-    assert st.runs.sum() == len(runs) and not st.duplicated(["study", "dataset", "method"]).any()
+    st = rep["status"]  # counted per study, dataset and method; every run of the tables counted once
+    assert st.runs.sum() == len(rep["runs"]) and not st.duplicated(["study", "dataset", "method"]).any()
     assert (st[["flat", "overfit", "rising"]].sum(axis=1) == st.runs).all()
     for key, s in rep["studies"].items():
         assert {"vanilla", "trm"} <= set(s["gains"].index.get_level_values(-1))
         if s["study"] in ("table1", "table2"):  # the paper's Dice beside ours (Table III's are per size, the ablations have none)
             assert "paper_trm" in s["grid"]
+        if s["study"] != "ablations":  # every table carries its budget check's verdict
+            assert s["label"].startswith(("budget checked", "EARLY-BUDGET"))
+            assert "trm@map=image" in set(s["runs"].method)  # both readings
 
 
 def test_ablation_figure_has_a_bar_per_variant():

@@ -521,24 +521,39 @@ def _source_cached(u: Unit, fams: dict, cfg: dict, cache_dir) -> bool:
 
 def export(out, dest) -> int:
     """Copy a sweep's settings and its finished units' result files (``unit.json``,
-    ``result.csv``, ``cell.json``; not the executed notebooks or figures) into ``dest``, a new
-    folder that ``report`` reads like the original. Returns the number of units copied."""
+    ``result.csv``, ``cell.json``; not the executed notebooks or figures) into ``dest``, which
+    ``report`` reads like the original. ``dest`` is a new folder, or an earlier export of the same
+    sweep (same settings), which is brought up to date: units finished since are added, a unit
+    re-run under the same name replaced (a sweep committed as its units land). Returns the number
+    of units copied."""
     src, dst = resolve_path(out), resolve_path(dest)
     if not (src / "sweep.json").exists():
         raise SweepError(f"{src} is not a sweep folder (no sweep.json)")
     if dst.exists() and any(dst.iterdir()):
-        raise SweepError(f"{dst} exists and is not empty; give a new folder")
+        mine = json.loads((src / "sweep.json").read_text()).get("settings")
+        theirs = json.loads((dst / "sweep.json").read_text()).get("settings") if (dst / "sweep.json").exists() else None
+        if theirs != mine:
+            raise SweepError(f"{dst} exists and is not an export of this sweep (its settings differ or it has no "
+                             "sweep.json); give a new folder")
     dst.mkdir(parents=True, exist_ok=True)
     n = 0
     for d in sorted((src / "units").glob("*")):
         if unit_status(d) != "done":
             continue
+        target = dst / "units" / d.name
+        if (target / "unit.json").exists() and (target / "unit.json").read_bytes() == (d / "unit.json").read_bytes():
+            continue  # already there, the same run
+        (target / "unit.json").unlink(missing_ok=True)  # not done while its files are replaced
         for f in ("result.csv", "cell.json", "unit.json"):  # unit.json last: it marks the copy done
             if (d / f).exists():
-                (dst / "units" / d.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(d / f, dst / "units" / d.name / f)
+                target.mkdir(parents=True, exist_ok=True)
+                tmp = target / f".{f}.tmp"
+                shutil.copy2(d / f, tmp)
+                os.replace(tmp, target / f)
         n += 1
-    shutil.copy2(src / "sweep.json", dst / "sweep.json")
+    tmp = dst / ".sweep.json.tmp"
+    shutil.copy2(src / "sweep.json", tmp)
+    os.replace(tmp, dst / "sweep.json")
     return n
 
 
@@ -611,7 +626,7 @@ def main(argv=None) -> int:
     rep.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the gains' intervals")
     exp = sub.add_parser("export", help="copy a sweep's result files (no executed notebooks) to share or commit them")
     exp.add_argument("out", help="the sweep folder")
-    exp.add_argument("dest", help="a new folder")
+    exp.add_argument("dest", help="a new folder, or an earlier export of the same sweep (brought up to date)")
     args = ap.parse_args(argv)
     try:
         if args.command == "report":
@@ -622,7 +637,7 @@ def main(argv=None) -> int:
             return 0
         if args.command == "export":
             n = export(args.out, args.dest)
-            print(f"copied {n} finished units to {args.dest}")
+            print(f"copied {n} finished units to {args.dest} (units already there and unchanged are not counted)")
             return 0
         return _run(args)
     except SweepError as err:
