@@ -669,8 +669,11 @@ def _run(args) -> int:
             sec = est.get(u.uid, 0.0)
             total += sec
             print(f"{u.uid:<51} {st:<7} {len(u.methods)} methods x {len(u.seeds)} seeds  ~{sec / 60:5.1f} min")
+        par = workers if args.executor == "local" else args.array_parallelism
+        wall = total / max(1, par)
         print(f"{len(rows)} units ({sum(st == 'done' for *_, st in rows)} done) in {out_p}; "
-              f"estimated {total / 3600:.2f} h on this machine ({args.device}, {workers} worker(s))")
+              f"estimated {total / 3600:.2f} unit-hours on this machine ({args.device}), about {wall / 3600:.2f} h "
+              f"with {par} at once (timed now, here: a busy machine inflates it)")
         return 0
     if args.executor == "slurm":
         slurm_executor(Path(out) / "slurm", partition=args.partition)  # fail early when submitit/sbatch are missing
