@@ -400,6 +400,23 @@ def test_committed_phantom_sweep_reports():
             assert "trm@map=image" in set(s["runs"].method)  # both readings
 
 
+def test_grid_heatmaps_survive_a_cell_where_vanilla_ended_at_zero():
+    """A stuck vanilla cell (Dice 0) makes TRM's gain there infinite: the gain panels still draw every cell."""
+    rows = []
+    tasks = ("CSF-T1", "GM-T1", "WM-T1")
+    for t in tasks:
+        for s_ in tasks:
+            if s_ != t:
+                for m, d in (("vanilla", 0.0 if (t, s_) == ("WM-T1", "CSF-T1") else 0.5), ("trm", 0.55)):
+                    rows.append({"dataset": "iseg2019", "target": t, "source": s_, "method": m, "seed": 0, "dice": d})
+    fig = R.grid_heatmaps(pd.DataFrame(rows), "table1")
+    gain_ax = [ax for ax in fig.axes if ax.get_title().startswith("ours")][0]
+    texts = [t.get_text() for t in gain_ax.texts]
+    assert len(texts) == 6 and "+10.0" in texts and "inf" in texts  # every cell annotated, the inf one too
+    lo, hi = gain_ax.collections[0].get_clim()
+    assert np.isfinite(hi) and hi == pytest.approx(10.0) and lo == pytest.approx(-10.0)
+
+
 def test_ablation_figure_has_a_bar_per_variant():
     gains = pd.DataFrame({"method": ["vanilla", "trm", "fg_only"], "n_cells": 2, "n_seeds": 3, "gain_pct": [0.0, -2.0, 1.0],
                           "gain_ci_low": [0.0, -3.0, 0.5], "gain_ci_high": [0.0, -1.0, 1.5]}).set_index("method")

@@ -391,9 +391,14 @@ def grid_heatmaps(runs: pd.DataFrame, study: str, title: str = ""):
         ax.set_title(m)
     if extra:
         gain = 100 * (mats["trm"] - mats["vanilla"]) / mats["vanilla"]
-        lim = float(np.nanmax(np.abs(gain.values))) or 1.0
+        # the colour scale from the finite gains, at most +-50 %: a cell where vanilla ended near 0 gives
+        # a gain of thousands of % (or inf), which would wash every other cell (and the paper's) out
+        finite = np.abs(gain.values[np.isfinite(gain.values)])
+        lim = float(min(finite.max(), 50.0)) if finite.size and finite.max() > 0 else 1.0
         sns.heatmap(gain, annot=True, fmt="+.1f", center=0, vmin=-lim, vmax=lim, cmap="RdBu", cbar=False,
                     ax=axes[len(methods)], annot_kws={"size": 7})
+        for i, j in zip(*np.where(np.isinf(gain.values))):  # seaborn leaves non-finite cells blank
+            axes[len(methods)].text(j + 0.5, i + 0.5, "inf", ha="center", va="center", fontsize=7)
         axes[len(methods)].set_title("ours: TRM vs vanilla (%)")
         if has_paper:
             p = paper[paper.source != "average"].pivot_table(index=["target", "source"], columns="method", values="dice")
