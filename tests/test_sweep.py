@@ -425,3 +425,18 @@ def test_ablation_figure_has_a_bar_per_variant():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["fg_only", "trm"]  # vanilla is the reference, not a bar
     assert sorted(round(b.get_width(), 6) for b in ax.patches) == [-2.0, 1.0]
     assert "2 cells x 3 seeds" in ax.get_title()
+    # gains_table gives no interval over fewer than 3 cells: the figure says so instead of drawing one
+    fig = R.ablation_figure(gains.assign(gain_ci_low=np.nan, gain_ci_high=np.nan), "Ablations: iseg2019")
+    assert "no interval" in fig.axes[0].get_xlabel() and len(fig.axes[0].patches) == 2
+
+
+def test_gains_table_gives_no_interval_over_fewer_than_three_cells():
+    rows = [{"dataset": "iseg2019", "target": "GM-T1", "source": s_, "method": m, "seed": sd,
+             "dice": 0.5 + (0.05 if m == "trm" else 0.0) + 0.01 * sd}
+            for s_ in ("WM-T1", "CSF-T1", "GM-T2") for m in ("vanilla", "trm") for sd in (0, 1, 2)]
+    runs = pd.DataFrame(rows)
+    g3 = R.gains_table(runs, "table1", n_boot=200)
+    assert np.isfinite(g3.loc["trm", "gain_ci_low"]) and g3.loc["trm", "vs_vanilla_wins"] == 3
+    g2 = R.gains_table(runs[runs.source != "GM-T2"], "table1", n_boot=200)
+    assert np.isnan(g2.loc["trm", "gain_ci_low"]) and np.isnan(g2.loc["trm", "vs_vanilla_wilcoxon_p"])
+    assert g2.loc["trm", "gain_pct"] == pytest.approx(g3.loc["trm", "gain_pct"], rel=0.05)

@@ -204,7 +204,9 @@ def gains_table(runs: pd.DataFrame, study: str, reference: str = "trm", n_boot: 
         if base is not None and base.index.equals(a.index):
             v = base.values
             row["gain_pct"] = 100 * (a.values.mean() - v.mean()) / v.mean()
-            row["gain_ci_low"], row["gain_ci_high"] = bootstrap_gain(a.values, v, n_boot) if m != "vanilla" else (0.0, 0.0)
+            # no interval over fewer than 3 cells (resampling 2 cells gives an interval of nothing)
+            row["gain_ci_low"], row["gain_ci_high"] = ((0.0, 0.0) if m == "vanilla" else bootstrap_gain(a.values, v, n_boot)
+                                                       if a.shape[0] >= 3 else (float("nan"), float("nan")))
             if m != "vanilla":  # this method against vanilla over cells (both readings of TRM get theirs)
                 d = a.values.mean(axis=1) - v.mean(axis=1)
                 row["vs_vanilla_wins"] = int((d > TIE).sum())
@@ -437,10 +439,11 @@ def ablation_figure(gains: pd.DataFrame, title: str = "Ablations"):
     g = g[g.method != "vanilla"].iloc[::-1]
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(g) + 1.2))
     colors = ["tab:red" if m == "trm" else "tab:gray" for m in g.method]
-    err = np.vstack([g.gain_pct - g.gain_ci_low, g.gain_ci_high - g.gain_pct]).clip(min=0)
-    ax.barh(g.method, g.gain_pct, xerr=err, color=colors, capsize=3)
+    err = np.nan_to_num(np.vstack([g.gain_pct - g.gain_ci_low, g.gain_ci_high - g.gain_pct]).clip(min=0))
+    ax.barh(g.method, g.gain_pct, xerr=err if g.gain_ci_low.notna().any() else None, color=colors, capsize=3)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("gain over vanilla (%), bars: 95 % bootstrap interval")
+    ax.set_xlabel("gain over vanilla (%), bars: 95 % bootstrap interval" if g.gain_ci_low.notna().any()
+                  else "gain over vanilla (%); no interval over fewer than 3 cells")
     ax.set_title(f"{title} ({int(g.n_cells.max())} cells x {int(g.n_seeds.max())} seeds)")
     fig.tight_layout()
     return fig
@@ -538,14 +541,21 @@ def headline(rep: dict) -> list:
             if m not in g.index:  # both readings of eq. 4, side by side
                 continue
             v = g.loc[m]
+            ci = ("no CI (< 3 cells)" if pd.isna(v.gain_ci_low) else f"95% CI {v.gain_ci_low:+.2f} to {v.gain_ci_high:+.2f}")
             line += (f"\n    {what} {v.dice_mean:.4f} vs vanilla {g.loc['vanilla', 'dice_mean']:.4f}: {v.gain_pct:+.2f}% "
-                     f"(95% CI {v.gain_ci_low:+.2f} to {v.gain_ci_high:+.2f}) over {int(v.n_cells)} cells x {int(v.n_seeds)} seeds")
+                     f"({ci}) over {int(v.n_cells)} cells x {int(v.n_seeds)} seeds")
             if "vs_vanilla_wins" in g and pd.notna(v.get("vs_vanilla_wins")):
                 p = v.vs_vanilla_wilcoxon_p
                 line += (f"; better in {int(v.vs_vanilla_wins)}, tied in {int(v.vs_vanilla_ties)}, worse in "
                          f"{int(v.vs_vanilla_losses)} cells, Wilcoxon p = " + ("n/a" if pd.isna(p) else f"{p:.2g}"))
             if m == "trm" and "paper_gain_pct" in g and pd.notna(t.get("paper_gain_pct")):
                 line += f"; paper {t.paper_gain_pct:+.2f}%"
+            if "gains_all" in s and "gain_pct" in s["gains"]:  # Table III: per size, the paper's at the matching size
+                per = s["gains"].xs(m, level=-1)
+                line += "\n      per size: " + ", ".join(
+                    f"{int(n)} slices {r.gain_pct:+.2f}%" + (f" (paper, {int(r.paper_n_slices)}: {r.paper_gain_pct:+.2f}%)"
+                                                            if m == "trm" and pd.notna(r.get("paper_gain_pct")) else "")
+                    for n, r in per.iterrows())
         for b in g.index:
             if b not in ("trm", "vanilla") and "trm_wins" in g and pd.notna(g.loc[b, "trm_wins"]):
                 p = g.loc[b, "trm_wilcoxon_p"]
