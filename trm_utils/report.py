@@ -342,11 +342,14 @@ def gain_by_iteration_figure(curves: dict, paper: Optional[dict] = None):
     import matplotlib.pyplot as plt
 
     keys = sorted(k for k, g in curves.items() if len(g))
+    # one colour per method in every panel (Table III has fewer methods than Tables I and II)
+    methods = list(dict.fromkeys(m for k in keys for m in curves[k].method if m != "vanilla"))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         g = curves[key]
         for m, d in g[g.method != "vanilla"].groupby("method", sort=False):
-            ax.plot(d.iteration, d.gain_pct, marker=".", label=m, lw=2.2 if m == "trm" else 1.2)
+            ax.plot(d.iteration, d.gain_pct, marker=".", label=m, lw=2.2 if m == "trm" else 1.2, color=colors[m])
         ax.axhline(0, color="k", lw=0.8)
         if paper and pd.notna(paper.get(key, np.nan)):
             ax.axhline(paper[key], color="k", ls="--", lw=1, label="paper: TRM")
