@@ -124,13 +124,10 @@ print(units.assign(kind=units.factor.map(lambda f: "table" if f == 1 else f"budg
       .groupby(["study", "kind", "status"]).size().rename("units").to_string())
 print(f"unit time: {units.seconds.fillna(0).sum() / 3600:.2f} h in all")
 # what the sweep planned and what is still missing (a sweep is committed as its units land)
-done_uids = set(units[units.status == "done"].uid)
-missing = {st + ("" if kind == "planned" else " budget check"): [u for u in us if u not in done_uids]
-           for kind in ("planned", "budget_check") for st, us in (rep["settings"].get(kind) or {}).items()}
-n_missing = sum(len(v) for v in missing.values())
-for kind in ("planned", "budget_check"):
-    for st, us in (rep["settings"].get(kind) or {}).items():
-        print(f"{st} {'table' if kind == 'planned' else 'budget check'}: {sum(u in done_uids for u in us)} of {len(us)} units done")
+progress = rep["progress"]
+for r in progress.itertuples():
+    print(f"{r.study} {r.kind}: {r.done} of {r.planned} units done")
+n_missing = int((progress.planned - progress.done).sum())
 if (units.status == "failed").any():
     display(units[units.status == "failed"][["uid", "error"]])  # noqa: F821
 
@@ -148,7 +145,7 @@ if "status" in rep:
 # ### The budget check, table by table
 # Before a sweep runs, a sample of each table's cells is fixed by a rule that never looks at results (every cell
 # of the table's first target; Table III: of its first two, every size) and run again at twice the budget, the
-# schedule's shape kept (`sweep.check_sample`, `sweep.scale_budget`). The rule (notebook 04): the table's budget
+# schedule's shape kept (`sweep.check_sample`, `experiments.scale_budget`). The rule (notebook 04): the table's budget
 # is accepted when no method's mean Dice on those cells moves by more than 0.01, and no gain over vanilla by more
 # than 1 point. A table that fails, or whose check is incomplete, is **early-budget** wherever it is printed.
 
@@ -159,9 +156,7 @@ for key, s in rep["studies"].items():
     print(f"{key}: {s['label']}")
     chk = s["budget_check"]
     if chk is not None and chk["table"] is not None:
-        cols = ["n_slices", "method", "iterations_T", "iterations_2T", "dice_mean_T", "dice_mean_2T", "d_dice",
-                "gain_pct_T", "gain_pct_2T", "d_gain", "ok"]
-        display(chk["table"][[c for c in cols if c in chk["table"]]].round(4))  # noqa: F821
+        display(R.check_view(chk).round(4))  # noqa: F821
 if "check_status" in rep:
     print("status of the budget checks' runs at 2T:")
     display(rep["check_status"])  # noqa: F821
@@ -174,12 +169,8 @@ if "check_status" in rep:
 # comes from learning faster; one that holds, from where the runs end. The dashed line is the paper's TRM gain.
 
 # %%
-curves = {k: s["gain_by_iteration"] for k, s in rep["studies"].items() if "gain_by_iteration" in s}
-if curves:
-    paper_gain = {k: (s.get("gains_all", s["gains"]).loc["trm"].get("paper_gain_pct", float("nan"))
-                      if "trm" in s.get("gains_all", s["gains"]).index else float("nan"))
-                  for k, s in rep["studies"].items() if k in curves}
-    fig = R.gain_by_iteration_figure(curves, paper_gain)
+if any("gain_by_iteration" in s for s in rep["studies"].values()):
+    fig = R.gain_by_iteration_figure(rep["studies"])
     plt.show()
 
 # %% [markdown]
@@ -223,7 +214,8 @@ if demo:
 # a sweep with planned units still missing is a part of its tables: say so beside the headline
 if n_missing:
     caveat = (f"this sweep is incomplete: {n_missing} planned units are not done ("
-              + ", ".join(f"{st}: {len(v)}" for st, v in missing.items() if v) + "); its tables cover the cells done so far")
+              + ", ".join(f"{r.study}{'' if r.kind == 'table' else ' budget check'}: {r.planned - r.done}"
+                          for r in progress.itertuples() if r.done < r.planned) + "); its tables cover the cells done so far")
     print(caveat)
     (out / "caveat.txt").write_text(caveat + "\n")
 else:

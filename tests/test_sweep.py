@@ -100,13 +100,13 @@ def test_budget_check_sample_is_fixed_by_rule_and_doubles_the_budget(settings, f
     assert S.check_sample("ablations", S.expand("ablations", settings, fams)) == []
     # the same schedule shape at 2T: budgets and evaluation interval doubled, the rest kept
     cfg = E.get_preset("tutorial")
-    c2 = S.scale_budget(cfg, 2)
+    c2 = E.scale_budget(cfg, 2)
     assert c2["iterations"] == {k: 2 * v for k, v in cfg["iterations"].items()}
     assert c2["eval_every"] == {k: 2 * v for k, v in cfg["eval_every"].items()}
     assert c2["fewshot"] == {"iterations": 2 * cfg["fewshot"]["iterations"], "eval_every": 2 * cfg["fewshot"]["eval_every"]}
     assert {k: v for k, v in c2.items() if k not in ("iterations", "eval_every", "fewshot")} == \
         {k: v for k, v in cfg.items() if k not in ("iterations", "eval_every", "fewshot")}
-    assert S.scale_budget(cfg, 1) is cfg and cfg["iterations"]["iseg2019"] == 600  # never modified in place
+    assert E.scale_budget(cfg, 1) is cfg and cfg["iterations"]["iseg2019"] == 600  # never modified in place
     # a table's own unit hashes as it did before the check existed (finished units stay finished)
     import hashlib
     from dataclasses import asdict
@@ -177,7 +177,8 @@ def test_gain_by_iteration_reads_the_stored_curves():
     assert sorted({i for _, i in g.index}) == [100, 200, 300, 400]  # from a quarter of the budget
     assert g.loc[("trm", 200), "gain_pct"] == pytest.approx(25.0) and g.loc[("trm", 400), "gain_pct"] == pytest.approx(0.0)
     assert g.loc[("vanilla", 300), "dice_mean"] == pytest.approx(0.6)
-    fig = R.gain_by_iteration_figure({"table1_iseg2019": g.reset_index()}, {"table1_iseg2019": 1.8})
+    paper = pd.DataFrame({"paper_gain_pct": [0.0, 1.8]}, index=pd.Index(["vanilla", "trm"], name="method"))
+    fig = R.gain_by_iteration_figure({"table1_iseg2019": {"gain_by_iteration": g.reset_index(), "gains": paper}})
     assert [ln.get_label() for ln in fig.axes[0].get_lines()][0] == "trm"
 
 

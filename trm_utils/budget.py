@@ -66,10 +66,9 @@ def budget_cfg(family: str, preset: str = "tutorial", factor: int = 1) -> dict:
         cfg = {**cfg, **cfg["fewshot"]}
     cfg.pop("fewshot", None)
     cfg = E.for_dataset(cfg, f["dataset"])
-    its = int(cfg["iterations"])
-    cfg["eval_every"] = int(cfg.get("eval_every") or its) * int(factor)
-    cfg["iterations"] = its * int(factor)
-    return cfg
+    cfg["iterations"] = int(cfg["iterations"])
+    cfg["eval_every"] = int(cfg.get("eval_every") or cfg["iterations"])
+    return E.scale_budget(cfg, factor)
 
 
 def _root(family: str, preset: str, data_dir):

@@ -176,6 +176,28 @@ def for_dataset(cfg: dict, name: str) -> dict:
     return out
 
 
+def scale_budget(cfg: dict, factor: int) -> dict:
+    """``cfg`` with every fine-tuning budget x ``factor``: ``iterations`` and ``eval_every`` (per
+    dataset where they are dicts), the few-shot block's too; the learning rate, its decay's
+    fraction of the run and everything else kept: the same schedule shape, read as often relative
+    to the run. ``budget.budget_cfg`` (the families' checks) and the sweep's budget checks both
+    scale with it."""
+    if int(factor) == 1:
+        return cfg
+    out = copy.deepcopy(cfg)
+
+    def mul(v):
+        if isinstance(v, dict):
+            return {k: mul(x) for k, x in v.items()}
+        return None if v is None else int(v) * int(factor)
+
+    for block in (out, out.get("fewshot") or {}):
+        for k in ("iterations", "eval_every"):
+            if k in block:
+                block[k] = mul(block[k])
+    return out
+
+
 def get_preset(preset: str, **overrides) -> dict:
     """A copy of ``PRESETS[preset]`` with the given keys replaced (None leaves a key as it is).
 

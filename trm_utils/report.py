@@ -280,11 +280,12 @@ def budget_check(runs: pd.DataFrame, checks: pd.DataFrame, planned: Optional[lis
     cell (an incomplete check accepts nothing)."""
     from . import budget as B
 
-    if checks is None or checks.empty:
-        return {"table": None, "cells": 0, "planned": len(planned), "complete": False, "accepted": False} if planned else None
+    none_run = checks is None or checks.empty
+    if none_run and not planned:
+        return None
     keys = ["source", "target", "n_slices"]
-    cells = checks[keys].drop_duplicates().merge(runs[keys].drop_duplicates(), on=keys)
-    if cells.empty:
+    cells = None if none_run else checks[keys].drop_duplicates().merge(runs[keys].drop_duplicates(), on=keys)
+    if cells is None or cells.empty:
         return {"table": None, "cells": 0, "planned": len(planned or []), "complete": False, "accepted": False}
     t = runs.merge(cells, on=keys).assign(budget="T")
     c = checks.merge(cells, on=keys).assign(budget="2T")
@@ -318,6 +319,31 @@ def check_label(chk: Optional[dict]) -> str:
     return f"EARLY-BUDGET (budget check NOT passed on {chk['cells']} cells, {its}: {size})"
 
 
+def check_view(chk: dict) -> pd.DataFrame:
+    """A budget check's table as the report and notebook 07 show it: per (size,) method, both
+    budgets' mean Dice and gain, the changes and the verdict (``n_slices`` only for Table III)."""
+    cols = ["n_slices", "method", "iterations_T", "iterations_2T", "dice_mean_T", "dice_mean_2T", "d_dice",
+            "gain_pct_T", "gain_pct_2T", "d_gain", "ok"]
+    tb = chk["table"][[c for c in cols if c in chk["table"]]]
+    return tb.drop(columns="n_slices") if "n_slices" in tb and tb.n_slices.isna().all() else tb
+
+
+def progress(settings: dict, units: pd.DataFrame) -> pd.DataFrame:
+    """Per study, of the units ``sweep.json`` planned (``planned``: the table's; ``budget_check``:
+    its check's): how many are done and the uids still missing. Empty for a sweep that recorded no plan."""
+    done = set(units[units.status == "done"].uid)
+    rows = [{"kind": "table" if kind == "planned" else "budget check", "study": st, "planned": len(us),
+             "done": sum(u in done for u in us), "missing": [u for u in us if u not in done]}
+            for kind in ("planned", "budget_check") for st, us in (settings.get(kind) or {}).items()]
+    return pd.DataFrame(rows, columns=["kind", "study", "planned", "done", "missing"])
+
+
+def paper_trm_gain(s: dict) -> float:
+    """The paper's TRM gain over vanilla for a study of ``build_report`` (NaN where it has none)."""
+    g = s.get("gains_all", s["gains"])
+    return g.loc["trm", "paper_gain_pct"] if "paper_gain_pct" in g and "trm" in g.index else np.nan
+
+
 def gain_by_iteration(runs: pd.DataFrame, start_fraction: float = 0.25) -> pd.DataFrame:
     """Each method's mean held-out Dice and relative gain over vanilla read at every evaluation
     from ``start_fraction`` of the budget to its end (``experiments.dice_at`` on the stored curves:
@@ -335,13 +361,15 @@ def gain_by_iteration(runs: pd.DataFrame, start_fraction: float = 0.25) -> pd.Da
 
 # ----------------------------------------------------------------------------- figures
 
-def gain_by_iteration_figure(curves: dict, paper: Optional[dict] = None):
-    """One panel per table: each method's gain over vanilla (%) against the iteration at which the
-    runs are read (``curves``: {key: ``gain_by_iteration`` frame}); the paper's TRM gain dashed.
-    A gain that shrinks towards the end is one of learning speed; a stable one, of where runs end."""
+def gain_by_iteration_figure(studies: dict):
+    """One panel per table (``studies``: ``build_report``'s, those with a ``gain_by_iteration``
+    frame): each method's gain over vanilla (%) against the iteration at which the runs are read;
+    the paper's TRM gain dashed. A gain that shrinks towards the end is one of learning speed; a
+    stable one, of where runs end."""
     import matplotlib.pyplot as plt
 
-    keys = sorted(k for k, g in curves.items() if len(g))
+    curves = {k: s["gain_by_iteration"] for k, s in studies.items() if len(s.get("gain_by_iteration", []))}
+    keys = sorted(curves)
     # one colour per method in every panel (Table III has fewer methods than Tables I and II)
     methods = list(dict.fromkeys(m for k in keys for m in curves[k].method if m != "vanilla"))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
@@ -351,8 +379,8 @@ def gain_by_iteration_figure(curves: dict, paper: Optional[dict] = None):
         for m, d in g[g.method != "vanilla"].groupby("method", sort=False):
             ax.plot(d.iteration, d.gain_pct, marker=".", label=m, lw=2.2 if m == "trm" else 1.2, color=colors[m])
         ax.axhline(0, color="k", lw=0.8)
-        if paper and pd.notna(paper.get(key, np.nan)):
-            ax.axhline(paper[key], color="k", ls="--", lw=1, label="paper: TRM")
+        if pd.notna(paper_trm_gain(studies[key])):
+            ax.axhline(paper_trm_gain(studies[key]), color="k", ls="--", lw=1, label="paper: TRM")
         ax.set_xlabel("iteration the runs are read at")
         ax.set_ylabel("gain over vanilla (%)")
         ax.set_title(key, fontsize=10)
@@ -500,7 +528,8 @@ def build_report(out, n_boot: int = 2000) -> dict:
     settings = settings_of(out)
     checks = runs[runs.factor > 1] if len(runs) else runs
     runs = runs[runs.factor == 1] if len(runs) else runs
-    rep = {"settings": settings, "units": units, "runs": runs, "check_runs": checks, "studies": {}}
+    rep = {"settings": settings, "units": units, "runs": runs, "check_runs": checks, "studies": {},
+           "progress": progress(settings, units)}
     if runs.empty:
         return rep
     rep["status"] = status_counts(runs)
@@ -578,13 +607,11 @@ def report_text(rep: dict) -> str:
              "held-out test subjects at the end of the run; ± std over seeds. Gains: 100 x (mean - vanilla) / vanilla over "
              f"all cells, 95 % bootstrap interval (cells and seeds resampled); TRM wins / ties / losses over cells "
              f"(tie: |Δ| <= {TIE}); p: paired Wilcoxon signed-rank over cells.", ""]
-    planned = rep["settings"].get("planned") or {}
-    if planned:
-        done = set(units[units.status == "done"].uid)
-        lines += ["Planned units done, per study: " + "; ".join(
-            f"{st} {sum(u in done for u in us)} of {len(us)}" for st, us in planned.items())
-            + "; budget check: " + ("; ".join(f"{st} {sum(u in done for u in us)} of {len(us)}"
-                                              for st, us in (rep["settings"].get("budget_check") or {}).items()) or "none"), ""]
+    pr = rep["progress"]
+    if len(pr):
+        def done_of(kind):
+            return "; ".join(f"{r.study} {r.done} of {r.planned}" for r in pr[pr.kind == kind].itertuples()) or "none"
+        lines += [f"Planned units done, per study: {done_of('table')}; budget check: {done_of('budget check')}", ""]
     failed = units[units.status == "failed"]
     if len(failed):
         lines += ["## Failed units", ""] + [f"- {u.uid}: {u.error}" for u in failed.itertuples()] + [""]
@@ -605,12 +632,8 @@ def report_text(rep: dict) -> str:
             lines += [f"**{s['label']}**", ""]
         chk = s.get("budget_check")
         if chk is not None and chk["table"] is not None:
-            cols = [c for c in ("n_slices", "method", "iterations_T", "iterations_2T", "dice_mean_T", "dice_mean_2T", "d_dice",
-                                "gain_pct_T", "gain_pct_2T", "d_gain", "ok") if c in chk["table"]]
-            tb = chk["table"][cols]
-            if "n_slices" in tb and tb.n_slices.isna().all():
-                tb = tb.drop(columns="n_slices")
-            lines += [f"### Budget check ({chk['cells']} of {chk['planned']} sampled cells, T vs 2T)", "", markdown(tb, 4), ""]
+            lines += [f"### Budget check ({chk['cells']} of {chk['planned']} sampled cells, T vs 2T)", "",
+                      markdown(check_view(chk), 4), ""]
         lines += ["### Gains", "", markdown(s["gains"].reset_index(), 4), ""]
         if "gains_all" in s:
             lines += ["All sizes together:", "", markdown(s["gains_all"].reset_index(), 4), ""]
@@ -644,7 +667,6 @@ def write_report(out, n_boot: int = 2000, dest=None) -> list:
     files.append(E.write_csv(rep["units"].drop(columns=["dir"]), d / "units.csv"))
     if "status" in rep:
         files.append(E.write_csv(rep["status"], d / "status.csv"))
-    curves, paper = {}, {}
     for key, s in rep["studies"].items():
         files.append(E.write_csv(s["grid"], d / f"{key}_grid.csv"))
         files.append(E.write_csv(s["gains"].reset_index(), d / f"{key}_gains.csv"))
@@ -652,16 +674,13 @@ def write_report(out, n_boot: int = 2000, dest=None) -> list:
             files.append(E.write_csv(s["budget_check"]["table"], d / f"{key}_budget_check.csv"))
         if "gain_by_iteration" in s:
             files.append(E.write_csv(s["gain_by_iteration"], d / f"{key}_gain_by_iteration.csv"))
-            curves[key] = s["gain_by_iteration"]
-            g = s.get("gains_all", s["gains"])
-            paper[key] = g.loc["trm", "paper_gain_pct"] if "paper_gain_pct" in g and "trm" in g.index else np.nan
         if "ranking" in s:
             files.append(E.write_csv(s["ranking"], d / f"{key}_ranking.csv"))
         fig = study_figure(s)
         files.append(_save_fig(fig, d / f"{key}_heatmap.png"))
         plt.close(fig)
-    if curves:
-        fig = gain_by_iteration_figure(curves, paper)
+    if any("gain_by_iteration" in s for s in rep["studies"].values()):
+        fig = gain_by_iteration_figure(rep["studies"])
         files.append(_save_fig(fig, d / "gain_by_iteration.png"))
         plt.close(fig)
     return files

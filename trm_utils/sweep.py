@@ -21,7 +21,7 @@ Layout of a sweep folder ``OUT``::
 
 **The budget check** (the finished-learning rule, ``budget.py``): every sweep of Tables I-III also
 runs a sample of each table's cells at ``CHECK_FACTOR`` (2) x the budget, with the same schedule
-shape (``scale_budget``), as units of their own (``<unit>-x2``). The sample is fixed by a rule that
+shape (``experiments.scale_budget``), as units of their own (``<unit>-x2``). The sample is fixed by a rule that
 never looks at results (``check_sample``: every cell of the table's first target, of its first
 two for Table III) and is written into ``sweep.json``; the report compares each method's mean Dice
 and gain over vanilla on those cells at T and 2T and labels a table whose check fails
@@ -36,7 +36,6 @@ rest go on; running the same command again retries only what is not done.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -215,27 +214,6 @@ def check_sample(study: str, units: list, factor: int = CHECK_FACTOR) -> list:
     k = CHECK_TARGETS.get(study, 0)
     targets = list(dict.fromkeys(u.target for u in units if u.study == study))[:k]
     return [replace(u, factor=int(factor)) for u in units if u.study == study and u.target in targets]
-
-
-def scale_budget(cfg: dict, factor: int) -> dict:
-    """``cfg`` with every fine-tuning budget x ``factor``: ``iterations`` and ``eval_every`` (per
-    dataset where they are dicts), the few-shot block's too; the learning rate, its decay's
-    fraction of the run and everything else kept: the same schedule shape, read as often relative
-    to the run (as ``budget.budget_cfg``)."""
-    if int(factor) == 1:
-        return cfg
-    out = copy.deepcopy(cfg)
-
-    def mul(v):
-        if isinstance(v, dict):
-            return {k: mul(x) for k, x in v.items()}
-        return None if v is None else int(v) * int(factor)
-
-    for block in (out, out.get("fewshot") or {}):
-        for k in ("iterations", "eval_every"):
-            if k in block:
-                block[k] = mul(block[k])
-    return out
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -572,7 +550,7 @@ def plan(studies, settings: Settings, out, methods=None, sources=None, targets=N
     out = resolve_path(out)
     rows = []
     for u in units:
-        ucfg = scale_budget(cfg, u.factor)
+        ucfg = E.scale_budget(cfg, u.factor)
         h = unit_hash(u, ucfg, sig, code)
         spec = unit_spec(out, u, settings, ucfg, h, device, num_threads, cache_dir)  # the cfg that was hashed
         rows.append((u, spec, unit_status(Path(spec["dir"]))))
