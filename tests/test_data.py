@@ -435,3 +435,32 @@ def test_cli_verify(phantom_root, capsys):
     assert D.main(["verify", "fets2021", str(phantom_root)]) == 0
     assert "partitions" in capsys.readouterr().out
     assert D.main(["verify", "iseg2019", str(phantom_root / "nothing")]) == 1
+
+
+def test_phantom_bytes_do_not_depend_on_numpy_cpu_code_paths(tmp_path):
+    """A sweep resumed on another machine names its data by their content (sweep.data_signature):
+    the phantom must come out byte for byte the same whichever SIMD code numpy and OpenBLAS pick
+    (AVX-512, AVX2 or the SSE baseline). Generated here with every code path this CPU has, and in
+    a subprocess with all of numpy's dispatch targets switched off and OpenBLAS on its oldest kernel."""
+    import os
+    import subprocess
+    import sys
+
+    from numpy._core import _multiarray_umath as m
+
+    present = [k for k in m.__cpu_dispatch__ if m.__cpu_features__.get(k)]
+    if not present:
+        pytest.skip("this CPU runs numpy's baseline code only: nothing to switch off")
+    for kind in ("iseg2019", "fets2021"):
+        make_phantom(kind, tmp_path / "here", seed=0, **SMALL)
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(present), "OPENBLAS_CORETYPE": "Nehalem"}
+    code = ("from trm_utils.data import make_phantom\n"
+            f"for k in ('iseg2019', 'fets2021'): make_phantom(k, {str(tmp_path / 'baseline')!r}, seed=0, preset='smoke')\n"
+            "import numpy; numpy.show_runtime()")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "'found': []" in " ".join(out.split())  # numpy ran its baseline code only
+    a = sorted(p.relative_to(tmp_path / "here") for p in (tmp_path / "here").rglob("*") if p.is_file())
+    b = sorted(p.relative_to(tmp_path / "baseline") for p in (tmp_path / "baseline").rglob("*") if p.is_file())
+    assert a == b and len(a) > 20
+    differ = [str(p) for p in a if (tmp_path / "here" / p).read_bytes() != (tmp_path / "baseline" / p).read_bytes()]
+    assert not differ, f"phantom files differ between numpy's CPU code paths: {differ[:5]}"

@@ -87,6 +87,72 @@ def test_unit_hash_covers_what_decides_the_numbers(settings, fams):
     assert h != S.unit_hash(u2, cfg, sig, code)
 
 
+def test_data_signature_names_the_content_not_the_place_or_time(tmp_path, settings, fams):
+    """The same bytes elsewhere, written later, sign the same (a phantom regenerated in a new checkout
+    resumes the sweep); one changed byte or one file more does not. Files are hashed once (memo)."""
+    memo = tmp_path / "memo"
+    here = S.data_signature(fams, memo)
+    assert set(here) == {"iseg2019", "fets2021"} and (memo / "file_hashes.json").exists()
+    n_memo = len(json.loads((memo / "file_hashes.json").read_text()))
+    assert S.data_signature(fams, memo) == here and len(json.loads((memo / "file_hashes.json").read_text())) == n_memo
+    src = Path(fams["tissue"][1])
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(src, copy)  # new path, new file times
+    time.sleep(0.01)
+    from trm_utils import data as D
+
+    folder = Path(D.open_dataset("iseg2019", copy).folder)
+    for f in folder.iterdir():
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    moved = {"tissue": ("iseg2019", str(copy))}
+    assert S.data_signature(moved, memo)["iseg2019"] == here["iseg2019"]
+    files = S.dataset_files(D.open_dataset("iseg2019", copy))
+    assert any(f.suffix == ".hdr" for f in files) and any(f.suffix == ".img" for f in files)  # both halves of a pair
+    img = next(f for f in files if f.suffix == ".img")
+    b = bytearray(img.read_bytes())
+    b[len(b) // 2] ^= 1
+    img.write_bytes(bytes(b))
+    changed = S.data_signature(moved, memo)["iseg2019"]
+    assert changed != here["iseg2019"]
+    (folder / "notes.csv").write_text("a,b\n")  # a top-level file (FeTS keeps its partitions there)
+    assert S.data_signature(moved, memo)["iseg2019"] != changed
+    fets = S.dataset_files(D.open_dataset("fets2021", fams["tumour"][1]))
+    assert {"partitioning_1.csv", "partitioning_2.csv"} <= {f.name for f in fets}
+
+
+def test_rekey_carries_format_1_units_over_and_leaves_the_rest(tmp_path, settings, fams):
+    """A folder from before hash format 2: its finished units are renamed to their new hash when
+    they ran exactly what the unit runs now; a unit that ran something else stays unfinished."""
+    out = tmp_path / "sw"
+    _, _, rows = S.plan(["table1"], settings, out, targets=["GM-T1"], budget_check=False)
+    S.open_sweep(out, settings, ["table1"], S.planned_of(rows))
+    old_dirs = []
+    for i, (u, spec, _) in enumerate(rows[:3]):
+        d = out / "units" / f"{u.uid}-{i:010d}"
+        d.mkdir(parents=True)
+        params = S.unit_parameters({**spec, "dir": str(d)})
+        if i == 2:  # ran another learning rate: not this unit
+            params["overrides"]["lr"] *= 2
+        (d / "result.csv").write_text("method,seed,dice\nvanilla,0,0.5\n")
+        (d / "unit.json").write_text(json.dumps({"uid": u.uid, "hash": f"{i:010d}", "status": "done", "unit": spec["unit"],
+                                                 "settings": spec["settings"], "parameters": params}))
+        old_dirs.append(d)
+    logged = []
+    counts = S.rekey(out, log=logged.append)
+    assert counts == {"rekeyed": 2, "already": 0, "mismatched": 1}
+    assert "none ran what the unit runs now" in logged[0] and rows[2][0].uid in logged[0]
+    _, _, again = S.plan(["table1"], settings, out, targets=["GM-T1"], budget_check=False)
+    assert [st for *_, st in again] == ["done", "done"] + ["todo"] * (len(again) - 2)
+    rec = json.loads((Path(again[0][1]["dir"]) / "unit.json").read_text())
+    assert rec["hash"] == again[0][1]["hash"] and rec["hash_format"] == S.HASH_FORMAT
+    assert rec["rekeyed"]["from_hash"] == "0000000000" and rec["parameters"]["output_dir"] == again[0][1]["dir"]
+    assert rec["data_signature"] == S.data_signature(fams)["iseg2019"]
+    assert not old_dirs[0].exists() and old_dirs[2].exists()  # the mismatched folder is left as it was
+    assert S.rekey(out, log=logged.append) == {"rekeyed": 0, "already": 2, "mismatched": 1}  # idempotent
+    with pytest.raises(S.SweepError, match="no sweep.json"):
+        S.rekey(tmp_path / "nothing")
+
+
 def test_budget_check_sample_is_fixed_by_rule_and_doubles_the_budget(settings, fams):
     t1 = S.expand("table1", settings, fams)
     chk = S.check_sample("table1", t1)
@@ -114,7 +180,8 @@ def test_budget_check_sample_is_fixed_by_rule_and_doubles_the_budget(settings, f
     u = t1[0]
     sig, code = S.data_signature(fams), S.code_version()
     old = {k: v for k, v in asdict(u).items() if k != "factor"}
-    key = json.dumps({"unit": old, "cfg": cfg, "data": sig.get(u.name), "code": code, "format": 1}, sort_keys=True, default=str)
+    key = json.dumps({"unit": old, "cfg": cfg, "data": sig.get(u.name), "code": code, "format": S.HASH_FORMAT},
+                     sort_keys=True, default=str)
     assert S.unit_hash(u, cfg, sig, code) == hashlib.sha1(key.encode()).hexdigest()[:10]
     assert S.unit_hash(chk[0], cfg, sig, code) != S.unit_hash(u, cfg, sig, code)
 
@@ -244,7 +311,8 @@ def test_slurm_executor_needs_sbatch_and_submitit(tmp_path, monkeypatch):
 
 def _specs(out, settings, fams, units):
     cfg, sig, code = settings.cfg(), S.data_signature(fams), S.code_version()
-    return [S.unit_spec(out, u, settings, cfg, S.unit_hash(u, cfg, sig, code), device="cpu", num_threads=1) for u in units]
+    return [S.unit_spec(out, u, settings, cfg, S.unit_hash(u, cfg, sig, code), device="cpu", num_threads=1,
+                        data=sig.get(u.name), code=code) for u in units]
 
 
 def test_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, settings, fams):
@@ -257,6 +325,9 @@ def test_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, settings, fams):
     assert rec["status"] == "failed" and "XX-T9" in rec["error"] and "\n" not in rec["error"]
     assert list((out / "units").glob("*XX-T9*/*.failed.ipynb"))  # the executed notebook, kept for the post-mortem
     runs = pd.read_csv(next((out / "units").glob("*GM-T1*/result.csv")))
+    done = json.loads(next((out / "units").glob("*GM-T1*/unit.json")).read_text())
+    assert done["hash_format"] == S.HASH_FORMAT and done["data_signature"] == S.data_signature(fams)["iseg2019"]
+    assert done["code_version"] == S.code_version() and done["machine"]["cpu"] and done["machine"]["torch"]
     assert len(runs) == len(S.STUDY_METHODS["table1"]) * 2 and set(runs.method) == set(S.STUDY_METHODS["table1"])
     # run again: the finished unit is skipped, the failed one retried (and fails again)
     res = S.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
@@ -381,6 +452,9 @@ def test_committed_phantom_sweep_reports():
     assert settings["preset"] == "tutorial" and len(settings["seeds"]) >= 3
     planned = {u for kind in ("planned", "budget_check") for us in meta[kind].values() for u in us}
     assert {json.loads(f.read_text())["uid"] for f in units} <= planned
+    for f in units:  # every unit under a content-named hash (format 2), in the folder its hash names
+        u = json.loads(f.read_text())
+        assert u["hash_format"] == S.HASH_FORMAT and f.parent.name == f"{u['uid']}-{u['hash']}"
     assert all(len(us) >= 4 for us in meta["budget_check"].values())  # at least 4 cells per table's check
     rep = R.build_report(out, n_boot=100)
     runs = pd.concat([rep["runs"], rep["check_runs"]])

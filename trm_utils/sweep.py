@@ -5,6 +5,7 @@
     python -m trm_utils.sweep run --study table2 --dataset fets2021 --data-dir /data --preset paper \\
         --executor slurm --partition gpu --gpus-per-job 1 --time-min 240 --array-parallelism 16
     python -m trm_utils.sweep report runs/sweep/phantom
+    python -m trm_utils.sweep rekey runs/sweep/phantom     # a sweep folder from before hash format 2
 
 A **unit** is one transfer cell (dataset, source, target, few-shot size) with all its methods x
 seeds, trained together by the batched engine (``finetune_cell``). Each unit is a papermill
@@ -28,7 +29,10 @@ and gain over vanilla on those cells at T and 2T and labels a table whose check 
 **early-budget**. ``--no-budget-check`` leaves the sample out.
 
 ``<hash>`` covers everything that determines a unit's numbers: the cell, methods, seeds, the
-resolved preset, the data's signature and the source code of the method's modules. A unit
+resolved preset, the data's content (``data_signature``: file names and bytes, not where the data
+lie or when they were written, so a regenerated phantom or a copy of the data on another machine
+resumes the same sweep) and the source code of the method's modules. Folders run before hash
+format 2 (which named the data by their path and file times) are carried over by ``rekey``. A unit
 whose ``unit.json`` says done is skipped; a killed sweep loses the units in flight only
 (``unit.json`` is written last, atomically); a failed unit is recorded with its error and the
 rest go on; running the same command again retries only what is not done.
@@ -78,6 +82,11 @@ CHECK_FACTOR = 2
 #: How many targets (in the paper's task order) give the check its cells, per table: every cell
 #: of the first target (5 cells in Tables I and II; Table III: 2 targets x every size = 6).
 CHECK_TARGETS = {"table1": 1, "table2": 1, "table3": 2}
+#: Version of what a unit's hash covers. 1: the data named by folder path and file times (a
+#: regenerated phantom or a moved copy made every finished unit look new); 2: by their content.
+HASH_FORMAT = 2
+#: Keys of a unit's notebook parameters that say where and how it runs, not what it computes.
+RUN_ONLY_PARAMETERS = ("output_dir", "device", "num_threads", "cache_dir", "show_progress")
 
 
 class SweepError(ValueError):
@@ -226,13 +235,64 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def data_signature(fams: dict) -> dict:
-    from . import data as D
+def _file_sha1(path: Path, memo: dict) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in memo:
+        h = hashlib.sha1()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        memo[key] = h.hexdigest()
+    return memo[key]
 
+
+def dataset_files(ds) -> list:
+    """The files a dataset's units read: every subject's files (an Analyze image with its header)
+    and the files at the top of the dataset's folder (FeTS's partition CSVs), sorted."""
+    files = set()
+    for s in ds.subjects:
+        for p in ds.files(s).values():
+            p = Path(p)
+            files.add(p)
+            for sib in (p.with_suffix(".hdr"), p.with_suffix(".img")) if p.suffix in (".hdr", ".img") else ():
+                if sib.exists():
+                    files.add(sib)
+    files.update(p for p in Path(ds.folder).iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(files)
+
+
+def data_signature(fams: dict, memo_dir=None) -> dict:
+    """Dataset name -> a hash of its content: each file of ``dataset_files`` named relative to
+    the dataset's folder, with the SHA-1 of its bytes. The same data give the same signature
+    wherever they lie and whenever they were written (a phantom regenerated in a new checkout, a
+    copy on a cluster's scratch disk); a changed byte or an added subject changes it.
+
+    Files are read once: their SHA-1s are kept in ``<memo_dir>/file_hashes.json`` (default
+    ``cache_root()``), keyed by path, size and modification time."""
+    from . import data as D
+    from .utils import cache_root
+
+    memo_file = Path(memo_dir if memo_dir is not None else cache_root()) / "file_hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    n_before = len(memo)
     out = {}
     for fam, (name, root) in fams.items():
         ds = D.open_dataset(name, root)
-        out[name] = ds.signature(ds.subjects)
+        folder = Path(ds.folder)
+        h = hashlib.sha1()
+        for p in dataset_files(ds):
+            h.update(f"{p.relative_to(folder).as_posix()}:{_file_sha1(p, memo)}\n".encode())
+        out[name] = h.hexdigest()[:16]
+    if len(memo) != n_before:
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(memo_file, memo)
+        except OSError:  # a read-only cache only costs the next plan a re-read
+            pass
     return out
 
 
@@ -241,7 +301,7 @@ def unit_hash(unit: Unit, cfg: dict, signature: dict, code: str) -> str:
     if u.get("factor", 1) == 1:  # a table's own cell hashes as before the budget check existed
         u.pop("factor", None)
     key = json.dumps({"unit": u, "cfg": cfg, "data": signature.get(unit.name), "code": code,
-                      "format": 1}, sort_keys=True, default=str)
+                      "format": HASH_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -299,12 +359,27 @@ def unit_status(path: Path) -> str:
 
 
 def unit_spec(out: Path, unit: Unit, settings: Settings, cfg: dict, h: str, device="auto", num_threads=0,
-              cache_dir=None, kernel_name="python3") -> dict:
+              cache_dir=None, kernel_name="python3", data: Optional[str] = None, code: Optional[str] = None) -> dict:
     """Everything a worker needs to run ``unit`` (plain data: it crosses process and job boundaries),
-    with ``cfg``, the resolved preset its hash ``h`` was computed from."""
+    with ``cfg``, the resolved preset its hash ``h`` was computed from, and (``data``, ``code``)
+    the data signature and code version in that hash, recorded in ``unit.json``."""
     return {"uid": unit.uid, "hash": h, "dir": str(unit_dir(out, unit, h)), "unit": asdict(unit),
             "settings": asdict(settings), "cfg": cfg, "device": device, "num_threads": int(num_threads),
-            "cache_dir": str(cache_dir) if cache_dir else None, "kernel_name": kernel_name}
+            "cache_dir": str(cache_dir) if cache_dir else None, "kernel_name": kernel_name,
+            "data": data, "code": code}
+
+
+def unit_parameters(spec: dict) -> dict:
+    """The parameters notebook 06 runs a unit with (what ``unit.json`` records)."""
+    u, s = spec["unit"], spec["settings"]
+    return {"dataset": s["dataset"], "data_dir": s["data_dir"], "preset": s["preset"], "family": u["family"],
+            "source": u["source"], "target": u["target"], "n_slices": u["n_slices"], "methods": list(u["methods"]),
+            "seeds": list(u["seeds"]), "iterations": spec["cfg"]["iterations"],
+            # the preset as resolved (and hashed) when the sweep was planned, every key of it: the
+            # unit runs exactly what its hash names, even if the preset's defaults change later
+            "overrides": {k: v for k, v in spec["cfg"].items() if k != "iterations"}, "output_dir": spec["dir"],
+            "device": spec["device"], "num_threads": spec["num_threads"], "cache_dir": spec["cache_dir"],
+            "show_progress": False}
 
 
 def _one_line(err: BaseException) -> str:
@@ -328,17 +403,12 @@ def run_unit(spec: dict) -> dict:
         return {"uid": spec["uid"], "status": "skipped", "seconds": 0.0}
     d.mkdir(parents=True, exist_ok=True)
     u, s = spec["unit"], spec["settings"]
-    params = {"dataset": s["dataset"], "data_dir": s["data_dir"], "preset": s["preset"], "family": u["family"],
-              "source": u["source"], "target": u["target"], "n_slices": u["n_slices"], "methods": list(u["methods"]),
-              "seeds": list(u["seeds"]), "iterations": spec["cfg"]["iterations"],
-              # the preset as resolved (and hashed) when the sweep was planned, every key of it: the
-              # unit runs exactly what its hash names, even if the preset's defaults change later
-              "overrides": {k: v for k, v in spec["cfg"].items() if k != "iterations"}, "output_dir": str(d), "device": spec["device"],
-              "num_threads": spec["num_threads"], "cache_dir": spec["cache_dir"], "show_progress": False}
+    params = unit_parameters(spec)
     tmp_nb = d / f".{spec['uid']}.running.ipynb"
     t0 = time.perf_counter()
-    record = {"uid": spec["uid"], "hash": spec["hash"], "unit": u, "settings": s, "parameters": params,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename}
+    record = {"uid": spec["uid"], "hash": spec["hash"], "hash_format": HASH_FORMAT, "data_signature": spec.get("data"),
+              "code_version": spec.get("code"), "unit": u, "settings": s, "parameters": params,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "machine": machine()}
     try:
         (d / "result.csv").unlink(missing_ok=True)
         pm.execute_notebook(str(UNIT_NOTEBOOK), str(tmp_nb), parameters=params, cwd=str(REPO_ROOT / "notebooks"),
@@ -355,6 +425,27 @@ def run_unit(spec: dict) -> dict:
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     atomic_write_json(d / "unit.json", record)
     return {"uid": spec["uid"], "status": record["status"], "seconds": record["seconds"], "error": record.get("error")}
+
+
+def machine() -> dict:
+    """The CPU and library versions a unit ran with (the same seeds give the same numbers on the
+    same machine; across CPU models the last bits may differ, and unconverged runs amplify them)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    for pkg in ("torch", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 class UnitJob:
@@ -535,6 +626,69 @@ def export(out, dest) -> int:
     return n
 
 
+# ----------------------------------------------------------------------------- rekey
+
+def _what_it_computes(params: dict) -> str:
+    return json.dumps({k: v for k, v in params.items() if k not in RUN_ONLY_PARAMETERS}, sort_keys=True, default=str)
+
+
+def rekey(out, cache_dir=None, log=print) -> dict:
+    """Carry the finished units of a sweep folder from before hash format 2 over to it.
+
+    Format 1 named the data by their folder's path and the files' times, so a phantom
+    regenerated in a new checkout (byte for byte the same: ``tests/test_phantom.py`` checks it
+    across numpy's CPU code paths) or a copy of the data made every finished unit look new. For
+    each unit the folder's ``sweep.json`` plans (settings, studies, budget check) that is not done
+    under its format-2 hash, a finished format-1 folder of the same unit is renamed to that hash
+    when it ran exactly the parameters the unit now would (cell, methods, seeds, the whole
+    resolved preset); its ``unit.json`` keeps the old hash under ``rekeyed``. Format 1 recorded
+    neither the data's content nor the code's version, so that part is the caller's word: run
+    it only on data and method code unchanged since the units ran (``git log`` of
+    ``METHOD_MODULES`` against the sweep's dates). Returns counts: rekeyed, already, mismatched.
+    """
+    out = resolve_path(out)
+    meta_file = out / "sweep.json"
+    if not meta_file.exists():
+        raise SweepError(f"{out} is not a sweep folder (no sweep.json); give the folder `sweep run --out` wrote")
+    meta = json.loads(meta_file.read_text())
+    settings = Settings(**meta["settings"])
+    planned = {uid for key in ("planned", "budget_check") for uids in (meta.get(key) or {}).values() for uid in uids}
+    _, _, rows = plan(meta.get("studies", []), settings, out, cache_dir=cache_dir, budget_check=bool(meta.get("budget_check")))
+    old = {}
+    for f in sorted((out / "units").glob("*/unit.json")):
+        rec = json.loads(f.read_text())
+        if rec.get("status") == "done" and rec.get("hash_format", 1) < HASH_FORMAT:
+            old.setdefault(rec["uid"], []).append((f.parent, rec))
+    counts = {"rekeyed": 0, "already": 0, "mismatched": 0}
+    for u, spec, st in rows:
+        if planned and u.uid not in planned:
+            continue
+        if st == "done":
+            counts["already"] += 1
+            continue
+        want = _what_it_computes(unit_parameters(spec))
+        cands = old.get(u.uid, [])
+        same = [(d, rec) for d, rec in cands if _what_it_computes(rec.get("parameters", {})) == want]
+        if len(same) != 1:
+            if cands:
+                counts["mismatched"] += 1
+                log(f"  {u.uid}: {len(cands)} format-1 folder(s), none ran what the unit runs now; left as it is")
+            continue
+        d, rec = same[0]
+        new_dir = Path(spec["dir"])
+        if new_dir.exists():
+            shutil.rmtree(new_dir)  # an unfinished attempt under the new hash (status todo above)
+        os.replace(d, new_dir)
+        rec.update(hash=spec["hash"], hash_format=HASH_FORMAT, data_signature=spec["data"], code_version=spec["code"],
+                   rekeyed={"from_hash": rec["hash"], "from_format": rec.get("hash_format", 1),
+                            "on": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "basis": "same parameters checked; same data content and method code asserted by rekey's caller"})
+        rec["parameters"]["output_dir"] = str(new_dir)
+        atomic_write_json(new_dir / "unit.json", rec)
+        counts["rekeyed"] += 1
+    return counts
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def plan(studies, settings: Settings, out, methods=None, sources=None, targets=None, sizes=None,
@@ -546,13 +700,14 @@ def plan(studies, settings: Settings, out, methods=None, sources=None, targets=N
     for st in studies:
         mine = expand(st, settings, fams, methods, sources, targets, sizes)
         units += mine + (check_sample(st, mine) if budget_check else [])
-    cfg, sig, code = settings.cfg(), data_signature(fams), code_version()
+    cfg, sig, code = settings.cfg(), data_signature(fams, cache_dir), code_version()
     out = resolve_path(out)
     rows = []
     for u in units:
         ucfg = E.scale_budget(cfg, u.factor)
         h = unit_hash(u, ucfg, sig, code)
-        spec = unit_spec(out, u, settings, ucfg, h, device, num_threads, cache_dir)  # the cfg that was hashed
+        spec = unit_spec(out, u, settings, ucfg, h, device, num_threads, cache_dir,  # the cfg that was hashed
+                         data=sig.get(u.name), code=code)
         rows.append((u, spec, unit_status(Path(spec["dir"]))))
     return out, fams, rows
 
@@ -605,8 +760,17 @@ def main(argv=None) -> int:
     exp = sub.add_parser("export", help="copy a sweep's result files (no executed notebooks) to share or commit them")
     exp.add_argument("out", help="the sweep folder")
     exp.add_argument("dest", help="a new folder, or an earlier export of the same sweep (brought up to date)")
+    rk = sub.add_parser("rekey", help="carry a sweep folder's finished units over from hash format 1 (data named by "
+                                      "path and file times) to format 2 (by content); only for unchanged data and code")
+    rk.add_argument("out", help="the sweep folder (or an export of one)")
+    rk.add_argument("--cache-dir", default=None, help="where the data files' hashes are memoised (default <repo>/cache)")
     args = ap.parse_args(argv)
     try:
+        if args.command == "rekey":
+            c = rekey(args.out, args.cache_dir)
+            print(f"{c['rekeyed']} units rekeyed to hash format {HASH_FORMAT}, {c['already']} already current, "
+                  f"{c['mismatched']} with parameters that differ from the plan (left as they are)")
+            return 0
         if args.command == "report":
             from .report import write_report
 
