@@ -3,6 +3,7 @@
     python benchmarks/budget_check.py tissue      # about 15 min on 2 CPU cores
     python benchmarks/budget_check.py tumour      # about 20 min
     python benchmarks/budget_check.py fewshot     # about 8 min
+    python benchmarks/budget_check.py fewshot --budget 1600 --skip-sources   # a candidate budget
 
 The rule (decided before any measurement; ``trm_utils.budget``): a family's tutorial budget T is
 accepted when the same grid (the main job's cells, methods and seeds) run at 2T with the same
@@ -20,6 +21,10 @@ Writes, under ``--out`` (default ``results/calibration``):
   the change and the verdict;
 * ``<family>_budget_runs.csv``: every run at both budgets, with its curve (for the status table);
 * ``<family>_budget_check.json``: the command, settings, seconds, threads and the verdicts.
+
+``--budget T`` checks a candidate budget (a whole multiple of the preset's) against 2T and writes
+``<family>_T<budget>_budget_check.*`` beside the preset's own check, which notebooks 04 and 05 keep
+reading: a candidate is evidence for changing the preset, not a change of it.
 
 Notebooks 04 and 05 print the committed files with the command that reproduces them. Runs use the
 tutorial preset's sources (trained once and cached, as the main job does); the 2T_s sources are
@@ -41,7 +46,7 @@ import torch  # noqa: E402
 
 from trm_utils import budget as B  # noqa: E402
 from trm_utils import experiments as E  # noqa: E402
-from trm_utils.utils import atomic_write_json  # noqa: E402
+from trm_utils.utils import atomic_write_json, machine_info  # noqa: E402
 
 
 def _commit() -> str:
@@ -64,7 +69,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None,
                     help="grid jobs side by side on the CPU (default: one per core, at most 4; 1: one after another)")
     ap.add_argument("--skip-grid", action="store_true", help="only the sources")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="check this candidate fine-tuning budget T (a whole multiple of the preset's) against 2T; "
+                         "files <family>_T<budget>_* (the preset's own check is left as it is)")
     a = ap.parse_args(argv)
+    try:
+        base = B.budget_multiple(a.family, a.preset, a.budget)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    stem = a.family if base == 1 else f"{a.family}_T{a.budget}"
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -72,26 +86,33 @@ def main(argv=None) -> int:
     meta = {"command": "python benchmarks/budget_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "family": a.family, "preset": a.preset, "seeds": seeds, "factor": a.factor, "commit": _commit(),
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "settings": fam}
+            "torch": torch.__version__, "settings": fam, "budget": B.budget_cfg(a.family, a.preset, base)["iterations"],
+            "cpu": machine_info()["cpu"]}
     if not a.skip_sources:
         ts = time.perf_counter()
         src = B.check_sources(a.family, a.preset, a.data_dir, factor=a.factor, log=print)
-        E.write_csv(src, out / f"{a.family}_sources_budget_check.csv")
+        E.write_csv(src, out / f"{stem}_sources_budget_check.csv")
         meta["sources_seconds"] = round(time.perf_counter() - ts, 1)
         meta["sources_accepted"] = bool(src.ok.all())
         print(src.round(4).to_string(index=False))
     if not a.skip_grid:
         tg = time.perf_counter()
         table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print,
-                                   workers=a.workers)
-        E.write_csv(table, out / f"{a.family}_budget_check.csv")
-        E.write_csv(runs, out / f"{a.family}_budget_runs.csv")
+                                   workers=a.workers, budget=a.budget)
+        E.write_csv(table, out / f"{stem}_budget_check.csv")
+        E.write_csv(runs, out / f"{stem}_budget_runs.csv")
         meta["grid_seconds"] = round(time.perf_counter() - tg, 1)
         meta["grid_accepted"] = bool(table.accepted.iloc[0])
         print(table.round(4).to_string(index=False))
     meta["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_json(out / f"{a.family}_budget_check.json", meta)
-    print(B.verdict_text(a.family, out))
+    atomic_write_json(out / f"{stem}_budget_check.json", meta)
+    if base == 1:
+        print(B.verdict_text(a.family, out))
+    else:
+        t = table if not a.skip_grid else None
+        print(f"{a.family} candidate budget {a.budget}: " + ("grid not run" if t is None else
+              ("ACCEPTED" if bool(t.accepted.iloc[0]) else "NOT accepted")
+              + f" (largest change of a mean Dice {t.d_dice.abs().max():.4f}, of a gain {t.d_gain.abs().max():.2f} points)"))
     return 0
 
 

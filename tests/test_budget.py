@@ -94,6 +94,17 @@ def test_script_writes_the_check_and_the_verdict(tmp_path):
     text = B.verdict_text("fewshot", out)
     assert re.search(r"fewshot: fine-tuning budget 6 iterations (ACCEPTED|NOT accepted)", text)
     assert "budget_check.py fewshot" in text and "STALE" not in text
+    # a candidate budget (a multiple of T) is checked into files of its own; the preset's check is kept
+    env = {**__import__("os").environ, "TRM_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "budget_check.py"), "fewshot", "--preset", "smoke", "--seeds", "0,1",
+           "--data-dir", str(tmp_path / "data"), "--out", str(out), "--skip-sources"]
+    res = subprocess.run(cmd + ["--budget", "12"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cand = pd.read_csv(out / "fewshot_T12_budget_check.csv")
+    assert set(cand.iterations_T) == {12} and set(cand.iterations_2T) == {24}
+    assert "fewshot candidate budget 12: " in res.stdout and B.load_check("fewshot", out)["grid"].equals(chk["grid"])
+    res = subprocess.run(cmd + ["--budget", "9"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 2 and "budget 9 for fewshot: give a whole multiple" in res.stderr
 
 
 def test_notebook_defaults_are_the_checked_grids():

@@ -129,10 +129,24 @@ def _grid_worker(args) -> pd.DataFrame:
     return E.run_grid(name, root, [source], targets, methods, seeds, cfg, max_slices=n, device=device, log=None)
 
 
+def budget_multiple(family: str, preset: str, budget: Optional[int]) -> int:
+    """How many times the preset's budget T a candidate ``budget`` is (1 for None). A candidate
+    must be a whole multiple of T, so that the schedule keeps its shape (``scale_budget``)."""
+    if budget is None:
+        return 1
+    t = budget_cfg(family, preset, 1)["iterations"]
+    if int(budget) < t or int(budget) % t:
+        raise ValueError(f"budget {budget} for {family}: give a whole multiple of the {preset} preset's {t} "
+                         f"iterations (e.g. {2 * t} or {4 * t}), so the schedule keeps its shape")
+    return int(budget) // t
+
+
 def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0, 1, 2), factor: int = 2, log=print,
-               device="auto", root=None, workers: Optional[int] = None) -> tuple:
+               device="auto", root=None, workers: Optional[int] = None, budget: Optional[int] = None) -> tuple:
     """The family's main-job grid at T and ``factor`` x T. Returns ``(table, runs)``: ``compare``'s
     table (both budgets side by side, the changes, the verdict) and every run (``budget`` "T" / "2T").
+    ``budget``: check a candidate T (a whole multiple of the preset's, ``budget_multiple``) instead
+    of the preset's own.
 
     On the CPU with ``workers`` > 1 (default: one per core, at most 4) each (budget, size, source)
     job runs in a worker process with ``cores // workers`` threads, the longest first (``make bench``'s
@@ -148,8 +162,9 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
     name, sources, targets = family_tasks(family, preset)
     root = root if root is not None else _root(family, preset, data_dir)
     workers, threads = E.cpu_workers(workers)
+    base = budget_multiple(family, preset, budget)
     jobs = []  # (tag, factor, size, source, cfg)
-    for tag, k in (("T", 1), ("2T", factor)):
+    for tag, k in (("T", base), ("2T", base * factor)):
         cfg = budget_cfg(family, preset, k)
         for n in f["sizes"] or [None]:
             jobs += [(tag, k, n, s, cfg) for s in sources]

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import experiments as E
-from .utils import REPO_ROOT, atomic_write_json, resolve_path
+from .utils import REPO_ROOT, atomic_write_json, machine_info, resolve_path
 
 STUDIES = ("table1", "table2", "table3", "ablations")
 DATASETS = ("phantom", "iseg2019", "fets2021", "msd")
@@ -408,7 +408,7 @@ def run_unit(spec: dict) -> dict:
     t0 = time.perf_counter()
     record = {"uid": spec["uid"], "hash": spec["hash"], "hash_format": HASH_FORMAT, "data_signature": spec.get("data"),
               "code_version": spec.get("code"), "unit": u, "settings": s, "parameters": params,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "machine": machine()}
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "machine": machine_info()}
     try:
         (d / "result.csv").unlink(missing_ok=True)
         pm.execute_notebook(str(UNIT_NOTEBOOK), str(tmp_nb), parameters=params, cwd=str(REPO_ROOT / "notebooks"),
@@ -425,27 +425,6 @@ def run_unit(spec: dict) -> dict:
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     atomic_write_json(d / "unit.json", record)
     return {"uid": spec["uid"], "status": record["status"], "seconds": record["seconds"], "error": record.get("error")}
-
-
-def machine() -> dict:
-    """The CPU and library versions a unit ran with (the same seeds give the same numbers on the
-    same machine; across CPU models the last bits may differ, and unconverged runs amplify them)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
-    for pkg in ("torch", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 class UnitJob:

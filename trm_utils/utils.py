@@ -113,3 +113,25 @@ def resolve_path(path: str | os.PathLike) -> Path:
     """
     p = Path(os.path.expanduser(str(path)))
     return p if p.is_absolute() else REPO_ROOT / p
+
+
+def machine_info() -> dict:
+    """The CPU model, core count and library versions a result was computed with: the same seed
+    gives the same numbers on the same machine; across CPU models the last bits may differ (and
+    a run that has not finished learning can turn them into different results)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    for pkg in ("torch", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
