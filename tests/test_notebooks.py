@@ -19,6 +19,12 @@ TASK_LISTS = {"tissue_sources", "tissue_targets", "tumour_sources", "tumour_targ
 @pytest.mark.parametrize("nb", NOTEBOOKS)
 def test_canonical_parameters(nb):
     params = pm.inspect_notebook(str(NB_DIR / f"{nb}.ipynb"))
+    # papermill lists every parameter (`papermill --help-notebook`): it skips a line holding two "="
+    ipynb = nbformat.read(NB_DIR / f"{nb}.ipynb", as_version=4)
+    cell = next(c for c in ipynb.cells if "parameters" in c.metadata.get("tags", []))
+    import ast
+    assigned = {t.id for n in ast.parse(cell.source).body if isinstance(n, ast.Assign) for t in n.targets}
+    assert assigned == set(params), f"papermill cannot read {sorted(assigned - set(params))} of {nb}'s parameters"
     if nb == "07_reproduce_paper":  # reads a sweep folder: no data, preset or device of its own
         assert {"sweep_dir", "output_dir", "show_progress"} <= set(params)
         return
