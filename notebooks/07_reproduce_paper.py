@@ -130,6 +130,13 @@ for r in progress.itertuples():
 n_missing = int((progress.planned - progress.done).sum())
 if (units.status == "failed").any():
     display(units[units.status == "failed"][["uid", "error"]])  # noqa: F821
+# where the units ran, and any source that is not one model throughout (retrained between units, e.g. a
+# sweep resumed on another machine without its source cache: its cells compare unlike with unlike)
+prov = rep["provenance"]
+print("machines (CPU: units): " + "; ".join(f"{k}: {v}" for k, v in prov["machines"].items()))
+if len(prov["sources"]):
+    print("sources retrained between units (told apart by their held-out Dice on their own task):")
+    display(prov["sources"])  # noqa: F821
 
 # %% [markdown]
 # ## 2. Did the runs finish learning?

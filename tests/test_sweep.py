@@ -233,6 +233,32 @@ def test_report_budget_check_verdicts():
     assert not none_yet["accepted"] and "not run yet: 0 of 2" in R.check_label(none_yet)
 
 
+def test_provenance_names_retrained_sources_and_the_check_leaves_them_out():
+    """A source retrained between units (a sweep resumed without its source cache, on another
+    CPU) is flagged by its held-out Dice; a budget-check cell whose 2T unit had another model of
+    its source is left out of the check (unlike with unlike), which is then incomplete."""
+    cells = [(f"S{i}", "T0") for i in range(4)]
+    base = lambda i, m, sd: 0.6 + 0.01 * i + 0.001 * sd  # noqa: E731
+    runs = _fake_runs(cells, ["vanilla", "trm"], [0, 1, 2], base, 600)
+    chk = _fake_runs(cells, ["vanilla", "trm"], [0, 1, 2], base, 1200)
+    for df, tag in ((runs, ""), (chk, "-x2")):
+        df["source_dice"] = df.source.map(lambda src: 0.80 + int(src[1:]) / 100)
+        df["uid"] = "table1-iseg2019-" + df.source + "-to-" + df.target + tag
+    chk.loc[chk.source == "S2", "source_dice"] = 0.8123  # S2 retrained for its 2T unit
+    c = R.budget_check(runs, chk, planned=[f"u{i}" for i in range(4)])
+    assert c["cells"] == 3 and c["unlike"] == ["S2 -> T0"] and not c["complete"] and not c["accepted"]
+    assert "1 left out, their 2T run had another model of its source: S2 -> T0" in R.check_label(c)
+    units = pd.DataFrame({"uid": sorted(set(runs.uid) | set(chk.uid)), "status": "done"})
+    units["cpu"] = ["CPU A"] * 6 + [None] * 2
+    prov = R.provenance(pd.concat([runs, chk], ignore_index=True), units)
+    assert prov["machines"] == {"CPU A": 6, "unknown": 2}
+    src = prov["sources"]
+    assert src.source.tolist() == ["S2"] and src.models.tolist() == [2]
+    assert "table1-iseg2019-S2-to-T0-x2" in src.units.iloc[0] and "0.8123" in src.source_dice.iloc[0]
+    same = R.budget_check(runs, chk[chk.source != "S2"], planned=["u0", "u1", "u2"])
+    assert same["unlike"] == [] and same["complete"]
+
+
 def test_gain_by_iteration_reads_the_stored_curves():
     rows = []
     for m, (early, late) in {"vanilla": (0.4, 0.6), "trm": (0.5, 0.6)}.items():

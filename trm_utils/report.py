@@ -64,8 +64,10 @@ def load_sweep(out) -> tuple:
         u = json.loads(f.read_text())
         units.append({"uid": u["uid"], "hash": u["hash"], "study": u["unit"]["study"],
                       "factor": int(u["unit"].get("factor", 1)), "status": u["status"],
-                      "seconds": u.get("seconds"), "finished": u.get("finished"), "error": u.get("error"), "dir": str(f.parent)})
-    units = pd.DataFrame(units, columns=["uid", "hash", "study", "factor", "status", "seconds", "finished", "error", "dir"])
+                      "seconds": u.get("seconds"), "finished": u.get("finished"), "error": u.get("error"), "dir": str(f.parent),
+                      "cpu": (u.get("machine") or {}).get("cpu")})
+    units = pd.DataFrame(units, columns=["uid", "hash", "study", "factor", "status", "seconds", "finished", "error", "dir",
+                                         "cpu"])
     done = units[units.status == "done"].sort_values("finished").drop_duplicates("uid", keep="last")
     for u in done.itertuples():
         r = pd.read_csv(Path(u.dir) / "result.csv")
@@ -76,6 +78,29 @@ def load_sweep(out) -> tuple:
         frames.append(r)
     runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return runs, units
+
+
+def provenance(runs: pd.DataFrame, units: pd.DataFrame) -> dict:
+    """Where the finished units ran, and whether each source model is one model throughout.
+
+    ``machines``: CPU model -> units (``unknown`` for units whose ``unit.json`` predates the record).
+    ``sources``: one row per (dataset, source) whose units saw more than one source model, told
+    apart by the source's held-out Dice on its own task (``source_dice``, written by notebook 06):
+    a sweep resumed where the source cache was not carried along retrains its sources, and on
+    another CPU the retrained model differs in its last bits. A budget check or a grid that mixes
+    two models of one source compares unlike with unlike in those cells; the rows name them."""
+    done = units[units.status == "done"].drop_duplicates("uid", keep="last")
+    machines = done.cpu.fillna("unknown").value_counts().to_dict() if len(done) else {}
+    rows = []
+    if len(runs) and "source_dice" in runs:
+        per_unit = runs.groupby(["dataset", "source", "uid"], sort=False).source_dice.first().reset_index()
+        for (name, src), g in per_unit.groupby(["dataset", "source"], sort=False):
+            versions = g.groupby(g.source_dice.round(12), sort=False).uid.apply(list)
+            if len(versions) > 1:
+                rows.append({"dataset": name, "source": src, "models": len(versions),
+                             "source_dice": ", ".join(f"{d:.4f}" for d in versions.index),
+                             "units": " | ".join(", ".join(sorted(u)) for u in versions.values)})
+    return {"machines": machines, "sources": pd.DataFrame(rows, columns=["dataset", "source", "models", "source_dice", "units"])}
 
 
 def settings_of(out) -> dict:
@@ -276,8 +301,10 @@ def budget_check(runs: pd.DataFrame, checks: pd.DataFrame, planned: Optional[lis
     """The finished-learning rule on a table's sample: ``checks`` (the sample's runs at 2T, one
     study) against ``runs``' runs of the same cells at T. Returns ``{"table": budget.compare's
     table, "cells": n, "planned": n planned, "complete": bool, "accepted": bool}`` (None with no
-    check run). Only cells finished at both budgets are compared; ``accepted`` needs every planned
-    cell (an incomplete check accepts nothing)."""
+    check run). Only cells finished at both budgets with the same source model (the same
+    ``source_dice``, where recorded) are compared: a cell whose 2T unit ran with a retrained source
+    (``provenance``) compares unlike with unlike and is left out, named in ``unlike``. ``accepted``
+    needs every planned cell (an incomplete check accepts nothing)."""
     from . import budget as B
 
     none_run = checks is None or checks.empty
@@ -285,8 +312,18 @@ def budget_check(runs: pd.DataFrame, checks: pd.DataFrame, planned: Optional[lis
         return None
     keys = ["source", "target", "n_slices"]
     cells = None if none_run else checks[keys].drop_duplicates().merge(runs[keys].drop_duplicates(), on=keys)
+    unlike = []
+    if cells is not None and not cells.empty and "source_dice" in runs and "source_dice" in checks:
+        src = lambda df: df.groupby(keys, dropna=False).source_dice.first().round(12).rename("sd").reset_index()
+        m = src(runs.merge(cells, on=keys)).merge(src(checks.merge(cells, on=keys)), on=keys, suffixes=("_T", "_2T"))
+        bad = m[(m.sd_T != m.sd_2T) & m.sd_T.notna() & m.sd_2T.notna()]
+        unlike = [f"{r.source} -> {r.target}" + (f" ({int(r.n_slices)} slices)" if pd.notna(r.n_slices) else "")
+                  for r in bad.itertuples()]
+        cells = cells.merge(bad[keys], on=keys, how="left", indicator=True)
+        cells = cells[cells._merge == "left_only"].drop(columns="_merge")
     if cells is None or cells.empty:
-        return {"table": None, "cells": 0, "planned": len(planned or []), "complete": False, "accepted": False}
+        return {"table": None, "cells": 0, "planned": len(planned or []), "complete": False, "accepted": False,
+                "unlike": unlike}
     t = runs.merge(cells, on=keys).assign(budget="T")
     c = checks.merge(cells, on=keys).assign(budget="2T")
     both = pd.concat([t, c], ignore_index=True)
@@ -297,7 +334,7 @@ def budget_check(runs: pd.DataFrame, checks: pd.DataFrame, planned: Optional[lis
     n_planned = len(planned) if planned else len(cells)
     complete = len(cells) >= n_planned
     return {"table": table, "cells": len(cells), "planned": n_planned, "complete": complete,
-            "accepted": bool(complete and table.accepted.iloc[0])}
+            "accepted": bool(complete and table.accepted.iloc[0]), "unlike": unlike}
 
 
 def check_label(chk: Optional[dict]) -> str:
@@ -313,7 +350,10 @@ def check_label(chk: Optional[dict]) -> str:
     size = (f"largest change of a mean Dice {t.d_dice.abs().max():.4f} (limit {B.DICE_TOL}), of a gain "
             f"{t.d_gain.abs().max():.2f} points (limit {B.GAIN_TOL:g})")
     if not chk["complete"]:
-        return f"EARLY-BUDGET (budget check incomplete: {chk['cells']} of {chk['planned']} cells at {its}; so far {size})"
+        why = (f"; {len(chk['unlike'])} left out, their 2T run had another model of its source: {', '.join(chk['unlike'])}"
+               if chk.get("unlike") else "")
+        return (f"EARLY-BUDGET (budget check incomplete: {chk['cells']} of {chk['planned']} cells at {its}{why}; "
+                f"so far {size})")
     if chk["accepted"]:
         return f"budget checked ({chk['cells']} cells, {its}: {size})"
     return f"EARLY-BUDGET (budget check NOT passed on {chk['cells']} cells, {its}: {size})"
@@ -526,10 +566,11 @@ def build_report(out, n_boot: int = 2000) -> dict:
     """Every table of the report as DataFrames (and the units' status): what notebook 07 shows."""
     runs, units = load_sweep(out)
     settings = settings_of(out)
+    prov = provenance(runs, units)  # over every unit, the budget checks' included
     checks = runs[runs.factor > 1] if len(runs) else runs
     runs = runs[runs.factor == 1] if len(runs) else runs
     rep = {"settings": settings, "units": units, "runs": runs, "check_runs": checks, "studies": {},
-           "progress": progress(settings, units)}
+           "progress": progress(settings, units), "provenance": prov}
     if runs.empty:
         return rep
     rep["status"] = status_counts(runs)
@@ -612,6 +653,13 @@ def report_text(rep: dict) -> str:
         def done_of(kind):
             return "; ".join(f"{r.study} {r.done} of {r.planned}" for r in pr[pr.kind == kind].itertuples()) or "none"
         lines += [f"Planned units done, per study: {done_of('table')}; budget check: {done_of('budget check')}", ""]
+    prov = rep.get("provenance")
+    if prov and prov["machines"]:
+        lines += ["Machines (CPU: units): " + "; ".join(f"{k}: {v}" for k, v in prov["machines"].items()) + ".", ""]
+    if prov is not None and len(prov["sources"]):
+        lines += ["**Sources that are not one model throughout** (retrained between units, told apart by their held-out "
+                  "Dice on their own task; cells run with different models of a source compare unlike with unlike):", "",
+                  markdown(prov["sources"]), ""]
     failed = units[units.status == "failed"]
     if len(failed):
         lines += ["## Failed units", ""] + [f"- {u.uid}: {u.error}" for u in failed.itertuples()] + [""]
