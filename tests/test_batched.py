@@ -51,10 +51,29 @@ def test_batched_equals_per_run(cell, method, opts):
         for name in ref_sd:
             if name.startswith("encoder."):
                 assert torch.equal(ref_sd[name], sd[name]), f"encoder {name} changed"
+            elif not sd[name].is_floating_point():  # BatchNorm's step counters
+                assert torch.equal(sd[name], ref_sd[name]), name
             else:  # decoder and head weights, BatchNorm running statistics
-                torch.testing.assert_close(sd[name].float(), ref_sd[name].float(), rtol=1e-4, atol=1e-5, msg=name)
+                assert _drift(sd[name], ref_sd[name], cell["before"].get(name)) <= DRIFT_TOL, name
         assert [e["iteration"] for e in got["eval"]] == [e["iteration"] for e in ref["eval"]] == [10, 20]
         np.testing.assert_allclose([e["dice"] for e in got["eval"]], [e["dice"] for e in ref["eval"]], atol=1e-6)
+
+
+#: How far the batched run may drift from the per-run reference, as a fraction of how far training
+#: moved a tensor. The two paths sum in different orders (the batched engine adds the runs' losses
+#: and convolves them as groups), and Adam divides each gradient by its running RMS, so rounding
+#: differences can grow over the steps: on an AMD EPYC every run agreed to 1e-5 of its movement; on
+#: an Intel Xeon (Sapphire Rapids) 15 of 16 did and one (trm, seed 0) drifted to 0.45 % from
+#: iteration 10 on (losses still within 1e-5 relative). A wrong loss, weight or update moves a
+#: tensor by the size of its movement (a drift near 1).
+DRIFT_TOL = 0.02
+
+
+def _drift(got, ref, start) -> float:
+    """||got - ref|| over ||ref - start|| (over ||ref|| for a tensor with no start: a new head)."""
+    got, ref = got.float(), ref.float()
+    base = (ref - start.float()).norm() if start is not None and start.shape == ref.shape else ref.norm()
+    return float((got - ref).norm() / base.clamp_min(1e-12))
 
 
 def test_source_and_encoder_untouched(cell):
