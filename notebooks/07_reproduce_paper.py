@@ -133,7 +133,7 @@ if (units.status == "failed").any():
 # where the units ran, and any source that is not one model throughout (retrained between units, e.g. a
 # sweep resumed on another machine without its source cache: its cells compare unlike with unlike)
 prov = rep["provenance"]
-print("machines (CPU: units): " + "; ".join(f"{k}: {v}" for k, v in prov["machines"].items()))
+print(f"machines (CPU: units): {R.machines_line(prov)}")
 if len(prov["sources"]):
     print("sources retrained between units (told apart by their held-out Dice on their own task):")
     display(prov["sources"])  # noqa: F821

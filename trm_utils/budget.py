@@ -222,6 +222,21 @@ def load_check(family: str, folder=None) -> dict:
     return out
 
 
+def grid_verdict_lines(family: str, g: pd.DataFrame) -> list:
+    """The verdict of a grid check (``compare``'s table): its largest changes, then each method
+    that fails with its Dice and gain at both budgets."""
+    t, t2 = int(g.iterations_T.iloc[0]), int(g.iterations_2T.iloc[0])
+    verdict = "ACCEPTED" if bool(g.accepted.iloc[0]) else "NOT accepted (the tables are early-budget)"
+    lines = [f"{family}: fine-tuning budget {t} iterations {verdict}: at {t2} the largest change of a method's "
+             f"mean Dice is {g.d_dice.abs().max():.4f} (limit {DICE_TOL}) and of a gain "
+             f"{g.d_gain.abs().max():.2f} points (limit {GAIN_TOL:g})."]
+    for r in g[~g.ok].itertuples():
+        size = f" at {int(r.n_slices)} slices" if pd.notna(r.n_slices) else ""
+        lines.append(f"  fails: {r.method}{size}: Dice {r.dice_mean_T:.4f} -> {r.dice_mean_2T:.4f}, "
+                     f"gain {r.gain_pct_T:+.2f} % -> {r.gain_pct_2T:+.2f} %")
+    return lines
+
+
 def verdict_text(family: str, folder=None, preset: Optional[str] = "tutorial") -> str:
     """A few lines for a notebook or a log: the check's verdict, its largest changes, whether it
     was made at the preset's current budgets, and the command that reproduces it."""
@@ -232,16 +247,8 @@ def verdict_text(family: str, folder=None, preset: Optional[str] = "tutorial") -
     lines = []
     g, s = chk["grid"], chk["sources"]
     if g is not None:
-        t, t2 = int(g.iterations_T.iloc[0]), int(g.iterations_2T.iloc[0])
-        verdict = "ACCEPTED" if bool(g.accepted.iloc[0]) else "NOT accepted (the tables are early-budget)"
-        lines.append(f"{family}: fine-tuning budget {t} iterations {verdict}: at {t2} the largest change of a method's "
-                     f"mean Dice is {g.d_dice.abs().max():.4f} (limit {DICE_TOL}) and of a gain "
-                     f"{g.d_gain.abs().max():.2f} points (limit {GAIN_TOL:g}).")
-        bad = g[~g.ok]
-        for r in bad.itertuples():
-            size = f" at {int(r.n_slices)} slices" if pd.notna(r.n_slices) else ""
-            lines.append(f"  fails: {r.method}{size}: Dice {r.dice_mean_T:.4f} -> {r.dice_mean_2T:.4f}, "
-                         f"gain {r.gain_pct_T:+.2f} % -> {r.gain_pct_2T:+.2f} %")
+        t = int(g.iterations_T.iloc[0])
+        lines += grid_verdict_lines(family, g)
         preset = (chk["meta"] or {}).get("preset", preset)
         if preset is not None:
             now = budget_cfg(family, preset, 1)["iterations"]

@@ -103,6 +103,11 @@ def provenance(runs: pd.DataFrame, units: pd.DataFrame) -> dict:
     return {"machines": machines, "sources": pd.DataFrame(rows, columns=["dataset", "source", "models", "source_dice", "units"])}
 
 
+def machines_line(prov: dict) -> str:
+    """``provenance``'s machines in one line: ``CPU: units; ...``."""
+    return "; ".join(f"{k}: {v}" for k, v in prov["machines"].items())
+
+
 def settings_of(out) -> dict:
     return json.loads((resolve_path(out) / "sweep.json").read_text())
 
@@ -655,7 +660,7 @@ def report_text(rep: dict) -> str:
         lines += [f"Planned units done, per study: {done_of('table')}; budget check: {done_of('budget check')}", ""]
     prov = rep.get("provenance")
     if prov and prov["machines"]:
-        lines += ["Machines (CPU: units): " + "; ".join(f"{k}: {v}" for k, v in prov["machines"].items()) + ".", ""]
+        lines += [f"Machines (CPU: units): {machines_line(prov)}.", ""]
     if prov is not None and len(prov["sources"]):
         lines += ["**Sources that are not one model throughout** (retrained between units, told apart by their held-out "
                   "Dice on their own task; cells run with different models of a source compare unlike with unlike):", "",

@@ -615,7 +615,7 @@ def rekey(out, cache_dir=None, log=print) -> dict:
     """Carry the finished units of a sweep folder from before hash format 2 over to it.
 
     Format 1 named the data by their folder's path and the files' times, so a phantom
-    regenerated in a new checkout (byte for byte the same: ``tests/test_phantom.py`` checks it
+    regenerated in a new checkout (byte for byte the same: ``tests/test_data.py`` checks it
     across numpy's CPU code paths) or a copy of the data made every finished unit look new. For
     each unit the folder's ``sweep.json`` plans (settings, studies, budget check) that is not done
     under its format-2 hash, a finished format-1 folder of the same unit is renamed to that hash
