@@ -4,6 +4,7 @@
     python benchmarks/budget_check.py tumour      # about 20 min
     python benchmarks/budget_check.py fewshot     # about 8 min
     python benchmarks/budget_check.py fewshot --budget 1600 --skip-sources   # a candidate budget
+    python benchmarks/budget_check.py tumour --lr 3e-3 --methods vanilla,trm --skip-sources   # a partial probe
 
 The rule (decided before any measurement; ``trm_utils.budget``): a family's tutorial budget T is
 accepted when the same grid (the main job's cells, methods and seeds) run at 2T with the same
@@ -24,7 +25,10 @@ Writes, under ``--out`` (default ``results/calibration``):
 
 ``--budget T`` checks a candidate budget (a whole multiple of the preset's) against 2T and writes
 ``<family>_T<budget>_budget_check.*`` beside the preset's own check, which notebooks 04 and 05 keep
-reading: a candidate is evidence for changing the preset, not a change of it.
+reading: a candidate is evidence for changing the preset, not a change of it. ``--lr X`` checks a
+candidate fine-tuning learning rate (files ``..._lr<X>_*``); ``--methods a,b`` runs a subset of the
+family's methods (files ``..._partial_*``): a partial check can fail a candidate (a method that moves
+fails the full check too) but never accept one.
 
 Notebooks 04 and 05 print the committed files with the command that reproduces them. Runs use the
 tutorial preset's sources (trained once and cached, as the main job does); the 2T_s sources are
@@ -72,13 +76,26 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=None,
                     help="check this candidate fine-tuning budget T (a whole multiple of the preset's) against 2T; "
                          "files <family>_T<budget>_* (the preset's own check is left as it is)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="check the grid with this candidate fine-tuning learning rate (the sources keep theirs); files "
+                         "<family>[_T<budget>]_lr<lr>_*")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of the family's methods: a partial check (a failure fails the full "
+                         "check; a pass does not pass it); files ..._partial_*")
     a = ap.parse_args(argv)
+    methods = a.methods.split(",") if a.methods else None
     try:
         base = B.budget_multiple(a.family, a.preset, a.budget)
+        B.budget_cfg(a.family, a.preset, 1, lr=a.lr)
+        if methods and ([m for m in methods if m not in B.FAMILIES[a.family]["methods"]] or "vanilla" not in methods):
+            raise ValueError(f"--methods {a.methods}: give a subset of {','.join(B.FAMILIES[a.family]['methods'])} "
+                             f"with vanilla in it (the gains are over vanilla)")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stem = a.family if base == 1 else f"{a.family}_T{a.budget}"
+    stem = "_".join([a.family, *([f"T{a.budget}"] if base > 1 else []), *([f"lr{a.lr:g}"] if a.lr else []),
+                     *(["partial"] if methods else [])])
+    candidate = stem != a.family
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -87,6 +104,7 @@ def main(argv=None) -> int:
             "family": a.family, "preset": a.preset, "seeds": seeds, "factor": a.factor, "commit": _commit(),
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "settings": fam, "budget": B.budget_cfg(a.family, a.preset, base)["iterations"],
+            "lr": B.budget_cfg(a.family, a.preset, base, lr=a.lr)["lr"], "methods": methods or fam["methods"],
             "cpu": machine_info()["cpu"]}
     if not a.skip_sources:
         ts = time.perf_counter()
@@ -98,18 +116,22 @@ def main(argv=None) -> int:
     if not a.skip_grid:
         tg = time.perf_counter()
         table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print,
-                                   workers=a.workers, budget=a.budget)
+                                   workers=a.workers, budget=a.budget, lr=a.lr, methods=methods)
         E.write_csv(table, out / f"{stem}_budget_check.csv")
         E.write_csv(runs, out / f"{stem}_budget_runs.csv")
         meta["grid_seconds"] = round(time.perf_counter() - tg, 1)
-        meta["grid_accepted"] = bool(table.accepted.iloc[0])
+        meta["grid_accepted"] = bool(table.accepted.iloc[0])  # always False for a partial check
+        if methods:
+            meta["partial"] = True
         print(table.round(4).to_string(index=False))
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(out / f"{stem}_budget_check.json", meta)
-    if base == 1:
+    if not candidate:
         print(B.verdict_text(a.family, out))
     else:
-        print(f"{a.family} candidate budget {a.budget}: files {out / stem}_*; the preset's own check is unchanged")
+        what = ", ".join([*([f"budget {a.budget}"] if base > 1 else []), *([f"lr {a.lr:g}"] if a.lr else []),
+                          *([f"methods {a.methods} only (partial)"] if methods else [])])
+        print(f"{a.family} candidate {what}: files {out / stem}_*; the preset's own check is unchanged")
         if not a.skip_grid:
             print("\n".join(B.grid_verdict_lines(a.family, table)))
     return 0

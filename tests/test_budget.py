@@ -105,6 +105,19 @@ def test_script_writes_the_check_and_the_verdict(tmp_path):
     assert "fewshot candidate budget 12: " in res.stdout and B.load_check("fewshot", out)["grid"].equals(chk["grid"])
     res = subprocess.run(cmd + ["--budget", "9"], capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 2 and "budget 9 for fewshot: give a whole multiple" in res.stderr
+    # a candidate learning rate on a subset of the methods: files of its own, never an acceptance
+    res = subprocess.run(cmd + ["--lr", "3e-3", "--methods", "vanilla"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    part = pd.read_csv(out / "fewshot_lr0.003_partial_budget_check.csv")
+    meta = json.loads((out / "fewshot_lr0.003_partial_budget_check.json").read_text())
+    assert set(part.method) == {"vanilla"} and not part.accepted.any() and meta["partial"] and meta["lr"] == 3e-3
+    assert "a partial check, methods vanilla only" in res.stdout and B.load_check("fewshot", out)["grid"].equals(chk["grid"])
+    runs = pd.read_csv(out / "fewshot_lr0.003_partial_budget_runs.csv")
+    both = runs.merge(pd.read_csv(out / "fewshot_budget_runs.csv"), on=["method", "seed", "n_slices", "budget"])
+    assert len(both) == len(runs) and (both.final_loss_x != both.final_loss_y).all()  # the candidate lr trained other models
+    for bad, msg in ((["--methods", "trm"], "with vanilla in it"), (["--lr", "0"], "give a positive number")):
+        res = subprocess.run(cmd + bad, capture_output=True, text=True, cwd=REPO, env=env)
+        assert res.returncode == 2 and msg in res.stderr, res.stderr[-500:]
 
 
 def test_notebook_defaults_are_the_checked_grids():

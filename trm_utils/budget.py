@@ -57,14 +57,19 @@ def family_tasks(family: str, preset: str = "tutorial") -> tuple:
     return f["dataset"], list(f["sources"] or s), list(f["targets"] or t)
 
 
-def budget_cfg(family: str, preset: str = "tutorial", factor: int = 1) -> dict:
+def budget_cfg(family: str, preset: str = "tutorial", factor: int = 1, lr: Optional[float] = None) -> dict:
     """The fine-tuning settings of ``family`` at ``factor`` x its budget, resolved for its dataset:
-    iterations and ``eval_every`` scaled, everything else (the decay's fraction included) kept."""
+    iterations and ``eval_every`` scaled, everything else (the decay's fraction included) kept.
+    ``lr``: a candidate fine-tuning learning rate in place of the preset's (sources untouched)."""
     f = _family(family)
     cfg = E.get_preset(preset)
     if f["sizes"] and cfg.get("fewshot"):
         cfg = {**cfg, **cfg["fewshot"]}
     cfg.pop("fewshot", None)
+    if lr is not None:
+        if not float(lr) > 0:
+            raise ValueError(f"candidate learning rate {lr!r} for {family}: give a positive number, e.g. 3e-3")
+        cfg["lr"] = float(lr)
     cfg = E.for_dataset(cfg, f["dataset"])
     cfg["iterations"] = int(cfg["iterations"])
     cfg["eval_every"] = int(cfg.get("eval_every") or cfg["iterations"])
@@ -142,11 +147,14 @@ def budget_multiple(family: str, preset: str, budget: Optional[int]) -> int:
 
 
 def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0, 1, 2), factor: int = 2, log=print,
-               device="auto", root=None, workers: Optional[int] = None, budget: Optional[int] = None) -> tuple:
+               device="auto", root=None, workers: Optional[int] = None, budget: Optional[int] = None,
+               lr: Optional[float] = None, methods=None) -> tuple:
     """The family's main-job grid at T and ``factor`` x T. Returns ``(table, runs)``: ``compare``'s
     table (both budgets side by side, the changes, the verdict) and every run (``budget`` "T" / "2T").
     ``budget``: check a candidate T (a whole multiple of the preset's, ``budget_multiple``) instead
-    of the preset's own.
+    of the preset's own; ``lr`` a candidate fine-tuning learning rate; ``methods`` a subset of the
+    family's methods (a partial check: a method failing it fails the full check, passing it does not
+    pass the full check).
 
     On the CPU with ``workers`` > 1 (default: one per core, at most 4) each (budget, size, source)
     job runs in a worker process with ``cores // workers`` threads, the longest first (``make bench``'s
@@ -163,9 +171,14 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
     root = root if root is not None else _root(family, preset, data_dir)
     workers, threads = E.cpu_workers(workers)
     base = budget_multiple(family, preset, budget)
+    methods = list(f["methods"]) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in f["methods"]]
+    if unknown or "vanilla" not in methods:
+        raise ValueError(f"methods {unknown or methods} for {family}: choose from {f['methods']}, vanilla included "
+                         f"(the gains are over vanilla)")
     jobs = []  # (tag, factor, size, source, cfg)
     for tag, k in (("T", base), ("2T", base * factor)):
-        cfg = budget_cfg(family, preset, k)
+        cfg = budget_cfg(family, preset, k, lr=lr)
         for n in f["sizes"] or [None]:
             jobs += [(tag, k, n, s, cfg) for s in sources]
     parallel = get_device(device).type == "cpu" and workers > 1 and len(jobs) > 1
@@ -174,7 +187,7 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
         for tag, k, n, s, cfg in jobs:
             if log:
                 log(f"{family} grid at {cfg['iterations']} iterations, source {s}" + (f", {n} slices" if n else ""))
-            out.append(E.run_grid(name, root, [s], targets, f["methods"], seeds, cfg, max_slices=n, device=device,
+            out.append(E.run_grid(name, root, [s], targets, methods, seeds, cfg, max_slices=n, device=device,
                                   log=log))
     else:
         E.prepare_sources([(name, root, s) for s in sources], budget_cfg(family, preset, 1), device=device, log=log)
@@ -182,12 +195,15 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
             log(f"{family} grid: {len(jobs)} jobs (budget x size x source), {workers} at a time with {threads} "
                 f"thread(s) each")
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # submitted longest first
-            futures = {i: pool.submit(_grid_worker, (name, root, s, targets, f["methods"], seeds, cfg, n, "cpu", threads))
+            futures = {i: pool.submit(_grid_worker, (name, root, s, targets, methods, seeds, cfg, n, "cpu", threads))
                        for i, (_, k, n, s, cfg) in sorted(enumerate(jobs), key=lambda j: -j[1][1] * (j[1][2] or 10**6))}
             out = [futures[i].result() for i in range(len(jobs))]
     runs = pd.concat([df.assign(budget=tag, family=family, n_slices=n)
                       for df, (tag, _, n, _, _) in zip(out, jobs)], ignore_index=True)
-    return compare(runs), runs
+    table = compare(runs)
+    if set(methods) != set(f["methods"]):  # a partial check never accepts a budget
+        table["accepted"] = False
+    return table, runs
 
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
@@ -227,6 +243,10 @@ def grid_verdict_lines(family: str, g: pd.DataFrame) -> list:
     that fails with its Dice and gain at both budgets."""
     t, t2 = int(g.iterations_T.iloc[0]), int(g.iterations_2T.iloc[0])
     verdict = "ACCEPTED" if bool(g.accepted.iloc[0]) else "NOT accepted (the tables are early-budget)"
+    partial = family in FAMILIES and set(g.method) != set(FAMILIES[family]["methods"])
+    if partial:
+        verdict = (f"NOT accepted (a partial check, methods {', '.join(dict.fromkeys(g.method))} only: it can fail "
+                   f"a budget, never accept one)")
     lines = [f"{family}: fine-tuning budget {t} iterations {verdict}: at {t2} the largest change of a method's "
              f"mean Dice is {g.d_dice.abs().max():.4f} (limit {DICE_TOL}) and of a gain "
              f"{g.d_gain.abs().max():.2f} points (limit {GAIN_TOL:g})."]
