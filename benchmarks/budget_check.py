@@ -86,16 +86,17 @@ def main(argv=None) -> int:
     methods = a.methods.split(",") if a.methods else None
     try:
         base = B.budget_multiple(a.family, a.preset, a.budget)
-        B.budget_cfg(a.family, a.preset, 1, lr=a.lr)
-        if methods and ([m for m in methods if m not in B.FAMILIES[a.family]["methods"]] or "vanilla" not in methods):
-            raise ValueError(f"--methods {a.methods}: give a subset of {','.join(B.FAMILIES[a.family]['methods'])} "
-                             f"with vanilla in it (the gains are over vanilla)")
+        cfg = B.budget_cfg(a.family, a.preset, base, lr=a.lr)
+        if methods:
+            B.check_methods(a.family, methods)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stem = "_".join([a.family, *([f"T{a.budget}"] if base > 1 else []), *([f"lr{a.lr:g}"] if a.lr else []),
-                     *(["partial"] if methods else [])])
-    candidate = stem != a.family
+    # what makes this a candidate check: (file-name part, words for the log)
+    parts = [*([(f"T{a.budget}", f"budget {a.budget}")] if base > 1 else []),
+             *([(f"lr{a.lr:g}", f"lr {a.lr:g}")] if a.lr else []),
+             *([("partial", f"methods {a.methods} only (partial)")] if methods else [])]
+    stem = "_".join([a.family, *(p for p, _ in parts)])
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.perf_counter()
     out = Path(a.out)
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
     meta = {"command": "python benchmarks/budget_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "family": a.family, "preset": a.preset, "seeds": seeds, "factor": a.factor, "commit": _commit(),
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "settings": fam, "budget": B.budget_cfg(a.family, a.preset, base)["iterations"],
-            "lr": B.budget_cfg(a.family, a.preset, base, lr=a.lr)["lr"], "methods": methods or fam["methods"],
+            "torch": torch.__version__, "settings": fam, "budget": cfg["iterations"],
+            "lr": cfg["lr"], "methods": methods or fam["methods"],
             "cpu": machine_info()["cpu"]}
     if not a.skip_sources:
         ts = time.perf_counter()
@@ -126,12 +127,11 @@ def main(argv=None) -> int:
         print(table.round(4).to_string(index=False))
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(out / f"{stem}_budget_check.json", meta)
-    if not candidate:
+    if not parts:
         print(B.verdict_text(a.family, out))
     else:
-        what = ", ".join([*([f"budget {a.budget}"] if base > 1 else []), *([f"lr {a.lr:g}"] if a.lr else []),
-                          *([f"methods {a.methods} only (partial)"] if methods else [])])
-        print(f"{a.family} candidate {what}: files {out / stem}_*; the preset's own check is unchanged")
+        print(f"{a.family} candidate {', '.join(w for _, w in parts)}: files {out / stem}_*; "
+              f"the preset's own check is unchanged")
         if not a.skip_grid:
             print("\n".join(B.grid_verdict_lines(a.family, table)))
     return 0

@@ -146,6 +146,18 @@ def budget_multiple(family: str, preset: str, budget: Optional[int]) -> int:
     return int(budget) // t
 
 
+def check_methods(family: str, methods=None) -> list:
+    """The methods a grid check runs: the family's own (None), or a subset of them with vanilla in it
+    (the gains are over vanilla); anything else is a one-line error naming the choices."""
+    f = _family(family)
+    methods = list(f["methods"]) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in f["methods"]]
+    if unknown or "vanilla" not in methods:
+        raise ValueError(f"methods {','.join(unknown or methods)} for {family}: give a subset of "
+                         f"{','.join(f['methods'])} with vanilla in it (the gains are over vanilla)")
+    return methods
+
+
 def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0, 1, 2), factor: int = 2, log=print,
                device="auto", root=None, workers: Optional[int] = None, budget: Optional[int] = None,
                lr: Optional[float] = None, methods=None) -> tuple:
@@ -171,11 +183,7 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
     root = root if root is not None else _root(family, preset, data_dir)
     workers, threads = E.cpu_workers(workers)
     base = budget_multiple(family, preset, budget)
-    methods = list(f["methods"]) if methods is None else list(methods)
-    unknown = [m for m in methods if m not in f["methods"]]
-    if unknown or "vanilla" not in methods:
-        raise ValueError(f"methods {unknown or methods} for {family}: choose from {f['methods']}, vanilla included "
-                         f"(the gains are over vanilla)")
+    methods = check_methods(family, methods)
     jobs = []  # (tag, factor, size, source, cfg)
     for tag, k in (("T", base), ("2T", base * factor)):
         cfg = budget_cfg(family, preset, k, lr=lr)
