@@ -83,19 +83,18 @@ def main(argv=None) -> int:
                     help="comma-separated subset of the family's methods: a partial check (a failure fails the full "
                          "check; a pass does not pass it); files ..._partial_*")
     a = ap.parse_args(argv)
-    methods = a.methods.split(",") if a.methods else None
     try:
         base = B.budget_multiple(a.family, a.preset, a.budget)
         cfg = B.budget_cfg(a.family, a.preset, base, lr=a.lr)
-        if methods:
-            B.check_methods(a.family, methods)
+        methods = B.check_methods(a.family, a.methods.split(",") if a.methods else None)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    partial = B.is_partial(a.family, methods)
     # what makes this a candidate check: (file-name part, words for the log)
     parts = [*([(f"T{a.budget}", f"budget {a.budget}")] if base > 1 else []),
              *([(f"lr{a.lr:g}", f"lr {a.lr:g}")] if a.lr else []),
-             *([("partial", f"methods {a.methods} only (partial)")] if methods else [])]
+             *([("partial", f"methods {a.methods} only (partial)")] if partial else [])]
     stem = "_".join([a.family, *(p for p, _ in parts)])
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.perf_counter()
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
             "family": a.family, "preset": a.preset, "seeds": seeds, "factor": a.factor, "commit": _commit(),
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "settings": fam, "budget": cfg["iterations"],
-            "lr": cfg["lr"], "methods": methods or fam["methods"],
+            "lr": cfg["lr"], "methods": methods,
             "cpu": machine_info()["cpu"]}
     if not a.skip_sources:
         ts = time.perf_counter()
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
         E.write_csv(runs, out / f"{stem}_budget_runs.csv")
         meta["grid_seconds"] = round(time.perf_counter() - tg, 1)
         meta["grid_accepted"] = bool(table.accepted.iloc[0])  # always False for a partial check
-        if methods:
+        if partial:
             meta["partial"] = True
         print(table.round(4).to_string(index=False))
     meta["seconds"] = round(time.perf_counter() - t0, 1)

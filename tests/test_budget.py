@@ -149,3 +149,12 @@ def test_committed_check_is_for_the_current_budget(family):
     assert list(dict.fromkeys(g.method)) == B.FAMILIES[family]["methods"]
     assert chk["meta"]["seeds"] == [0, 1, 2] and chk["meta"]["preset"] == "tutorial"
     assert "STALE" not in B.verdict_text(family)
+
+
+def test_is_partial_is_one_rule_for_the_script_and_the_grid():
+    """A check naming every method of the family (in any order) is the full check, not a partial one;
+    a subset is partial; None is the family's own methods."""
+    full = B.FAMILIES["tumour"]["methods"]
+    assert not B.is_partial("tumour", None) and not B.is_partial("tumour", list(reversed(full)))
+    assert B.is_partial("tumour", ["vanilla", "trm"])
+    assert B.check_methods("tumour", None) == list(full)

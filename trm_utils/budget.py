@@ -158,6 +158,12 @@ def check_methods(family: str, methods=None) -> list:
     return methods
 
 
+def is_partial(family: str, methods) -> bool:
+    """Whether a check on ``methods`` (None: the family's own) leaves out some of the family's
+    methods: a partial check, which can fail a budget and never accepts one."""
+    return methods is not None and set(methods) != set(_family(family)["methods"])
+
+
 def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0, 1, 2), factor: int = 2, log=print,
                device="auto", root=None, workers: Optional[int] = None, budget: Optional[int] = None,
                lr: Optional[float] = None, methods=None) -> tuple:
@@ -209,7 +215,7 @@ def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0,
     runs = pd.concat([df.assign(budget=tag, family=family, n_slices=n)
                       for df, (tag, _, n, _, _) in zip(out, jobs)], ignore_index=True)
     table = compare(runs)
-    if set(methods) != set(f["methods"]):  # a partial check never accepts a budget
+    if is_partial(family, methods):  # a partial check never accepts a budget
         table["accepted"] = False
     return table, runs
 
@@ -251,7 +257,7 @@ def grid_verdict_lines(family: str, g: pd.DataFrame) -> list:
     that fails with its Dice and gain at both budgets."""
     t, t2 = int(g.iterations_T.iloc[0]), int(g.iterations_2T.iloc[0])
     verdict = "ACCEPTED" if bool(g.accepted.iloc[0]) else "NOT accepted (the tables are early-budget)"
-    partial = family in FAMILIES and set(g.method) != set(FAMILIES[family]["methods"])
+    partial = family in FAMILIES and is_partial(family, g.method)
     if partial:
         verdict = (f"NOT accepted (a partial check, methods {', '.join(dict.fromkeys(g.method))} only: it can fail "
                    f"a budget, never accept one)")
