@@ -34,10 +34,12 @@ test: setup-test
 
 # The main job: every notebook headless on the embedded phantom -> runs/$(NAME)/. Incremental: a
 # notebook re-runs only when its content stamp (its .py, the trm_utils modules it imports, its
-# parameters) changed; FORCE=1 re-runs all.
+# parameters) changed; FORCE=1 re-runs all. A failed notebook is named with its reason as it fails; the
+# run then ends non-zero (KEEP_GOING=1: the notebooks not yet begun still run).
 FORCE ?=
+KEEP_GOING ?=
 run: setup
-	$(BIN)/python -m trm_utils.run_all --name $(NAME) $(if $(FORCE),--force,)
+	$(BIN)/python -m trm_utils.run_all --name $(NAME) $(if $(FORCE),--force,) $(if $(KEEP_GOING),--keep-going,)
 
 # The executed tutorial as a static site: runs/$(NAME)/*.ipynb (outputs included, never re-executed)
 # -> runs/book/ (open runs/book/index.html); `make run` first.

@@ -115,3 +115,114 @@ def test_stamp_follows_the_committed_checks_a_notebook_reads(tmp_path, monkeypat
     after = {nb: RA.notebook_stamp(nb, {}, nbs) for nb in ("04_weighted_finetuning", "03_risk_maps")}
     assert after["04_weighted_finetuning"] != before["04_weighted_finetuning"]
     assert after["03_risk_maps"] == before["03_risk_maps"]
+
+
+def _guard_ast_in_workers(monkeypatch):
+    """Make ``ast.parse`` raise outside the main thread (CPython 3.11's AST constructor is not
+    thread-safe: python/cpython#106905); returns the list of threads that tried."""
+    import ast
+    import threading
+
+    real, offenders = ast.parse, []
+
+    def parse(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            offenders.append(threading.current_thread().name)
+            raise AssertionError("ast.parse called in a worker thread")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", parse)
+    return offenders
+
+
+def _py_notebook(path, body: str):
+    """A jupytext .py notebook (so that the runner regenerates its .ipynb: jupytext parses with ast)."""
+    path.write_text("# ---\n# jupyter:\n#   kernelspec:\n#     display_name: Python 3\n#     language: python\n"
+                    "#     name: python3\n# ---\n\n# %% tags=[\"parameters\"]\noutput_dir = 'x'\nvalue = 1\n\n# %%\n"
+                    "from trm_utils import metrics\n" + body + "\n")
+
+
+def test_workers_never_parse_python(tmp_path, monkeypatch):
+    """Syncing, reading parameters and stamping (all of which parse source) happen in the main thread;
+    the worker threads only execute. Fresh .py notebooks force every parsing step."""
+    offenders = _guard_ast_in_workers(monkeypatch)
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for n in ("02_pixel_leep", "x", "y", "z"):
+        _py_notebook(nbs / f"{n}.py", f"print('{n}', value)")
+    timings = run_notebooks("w", {"value": 5}, ["02_pixel_leep", "x", "y", "z"], runs_dir=tmp_path / "runs",
+                            log=lambda *a: None, nb_dir=nbs, workers=2)
+    assert offenders == []
+    assert set(timings) == {"02_pixel_leep", "x", "y", "z"}
+    for n in ("x", "y", "z"):
+        assert f"{n} 5" in nbformat.read(tmp_path / "runs" / "w" / f"{n}.ipynb", as_version=4).cells[-1].outputs[0]["text"]
+
+
+def test_a_failing_notebook_is_named_fails_the_run_and_alone_reruns(tmp_path, monkeypatch):
+    """A notebook raising in a worker: logged by name as it fails, the one in flight finishes, none
+    starts after it, the run fails listing it; the next incremental run re-executes only it and the
+    notebook never started."""
+    import pytest
+
+    from trm_utils import run_all as RA
+
+    _guard_ast_in_workers(monkeypatch)
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "02_pixel_leep.ipynb", "print('first')")
+    _notebook(nbs / "bad.ipynb", "raise ValueError('the phantom folder is empty')")
+    _notebook(nbs / "slow.ipynb", "import time\ntime.sleep(4)\nprint('slow done')")
+    _notebook(nbs / "later.ipynb", "print('later')")
+    names = ["02_pixel_leep", "bad", "slow", "later"]
+    logged = []
+    kw = dict(runs_dir=tmp_path / "runs", nb_dir=nbs, workers=2, force=False)
+    with pytest.raises(RA.NotebookFailures) as info:
+        run_notebooks("f", {}, names, log=logged.append, **kw)
+    fail = info.value
+    assert list(fail.failures) == ["bad"]
+    assert fail.failures["bad"]["reason"].startswith("ValueError: the phantom folder is empty")
+    assert "the phantom folder is empty" in (tmp_path / "runs" / "f" / "bad.error.txt").read_text()
+    assert fail.not_started == ["later"]  # handed out after the failure: never begun
+    assert set(fail.timings) == {"02_pixel_leep", "slow"}  # the other lane finished what was in flight
+    failed_line = next(i for i, ln in enumerate(logged) if "bad FAILED" in ln)
+    assert "bad.error.txt" in logged[failed_line]
+    assert failed_line < next(i for i, ln in enumerate(logged) if "slow done" in ln or "slow done in" in ln)
+    stamps = json.loads((tmp_path / "runs" / "f" / "stamps.json").read_text())
+    assert set(stamps) == {"02_pixel_leep", "slow"}  # a failed notebook leaves no stamp
+
+    _notebook(nbs / "bad.ipynb", "print('fixed')")
+    skipped = []
+    run_notebooks("f", {}, names, log=lambda *a: None, skipped=skipped, **kw)
+    assert sorted(skipped) == ["02_pixel_leep", "slow"]  # only the failed and the never-started re-executed
+    assert not (tmp_path / "runs" / "f" / "bad.error.txt").exists()
+
+
+def test_keep_going_starts_the_rest(tmp_path):
+    import pytest
+
+    from trm_utils import run_all as RA
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "bad.ipynb", "raise RuntimeError('boom')")
+    _notebook(nbs / "ok.ipynb", "print('ok')")
+    with pytest.raises(RA.NotebookFailures) as info:
+        run_notebooks("k", {}, ["bad", "ok"], runs_dir=tmp_path / "runs", nb_dir=nbs, log=lambda *a: None,
+                      keep_going=True)
+    assert list(info.value.failures) == ["bad"] and info.value.not_started == [] and "ok" in info.value.timings
+
+
+def test_main_exits_nonzero_and_lists_every_failure(tmp_path, capsys):
+    from trm_utils import run_all as RA
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "x.ipynb", "raise KeyError('seed')")
+    _notebook(nbs / "y.ipynb", "raise ZeroDivisionError('no slices')")
+    rc = RA.main(["--name", "m", "--runs-dir", str(tmp_path / "runs"), "--notebook-dir", str(nbs),
+                  "--notebooks", "x,y", "--workers", "1", "--keep-going"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "2 notebooks failed" in err and "x: FAILED" in err and "y: FAILED" in err and "ZeroDivisionError" in err
+    summary = (tmp_path / "runs" / "m" / "summary.txt").read_text()
+    assert "FAILED" in summary and "x.error.txt" in summary

@@ -34,10 +34,13 @@ import os
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import papermill as pm
+from papermill.exceptions import strip_color
 
 from .utils import REPO_ROOT, atomic_write_json, atomic_write_text
 
@@ -157,13 +160,50 @@ def default_workers() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
+class NotebookFailures(RuntimeError):
+    """One or more notebooks of a run failed: ``failures`` maps each to its one-line reason and the
+    file holding its traceback; ``not_started`` lists those never begun because one failed first."""
+
+    def __init__(self, failures: dict, not_started: list, timings: dict):
+        self.failures, self.not_started, self.timings = failures, list(not_started), timings
+        super().__init__("; ".join(f"{nb}: {f['reason']}" for nb, f in failures.items()))
+
+
+def _one_line_reason(exc: BaseException) -> str:
+    """``ValueError: bad value (cell In [12])`` for a notebook's error, the exception's first line otherwise."""
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename is not None:  # papermill.PapermillExecutionError: the error raised inside the notebook
+        where = f" (cell In [{exc.exec_count}])" if getattr(exc, "exec_count", None) else ""
+        text = f"{ename}: {evalue}"
+    else:
+        where, text = "", f"{type(exc).__name__}: {exc}"
+    first = next((ln for ln in text.strip().splitlines() if ln.strip()), text.strip())
+    return first[:300] + where
+
+
+def prepare_notebook(nb: str, params: dict, nb_dir: Path, out: Path, log=print) -> dict:
+    """Everything about notebook ``nb`` that is decided before it runs, in the calling thread: its
+    ``.ipynb`` regenerated from its ``.py`` (``sync_from_py``), the parameters it declares (papermill
+    reads its ``parameters`` cell), its content stamp. ``run_notebooks`` calls this in the main thread
+    for every notebook before any is handed to a worker: these steps parse Python source (``ast``),
+    which CPython 3.11 does not do safely from several threads at once (python/cpython#106905: a
+    spurious ``SystemError: AST constructor recursion depth mismatch``); the workers only execute."""
+    sync_from_py(nb, nb_dir, log)
+    src = nb_dir / f"{nb}.ipynb"
+    declared = set(pm.inspect_notebook(str(src)))
+    p = {k: v for k, v in params.items() if k in declared}
+    p["output_dir"] = str(out / nb)
+    return {"nb": nb, "src": src, "params": p, "stamp": notebook_stamp(nb, p, nb_dir)}
+
+
 def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, log=print, force: bool = True,
-                  nb_dir=None, skipped: list = None, workers: int = 1) -> dict:
+                  nb_dir=None, skipped: list = None, workers: int = 1, keep_going: bool = False) -> dict:
     """Execute ``notebooks`` with papermill into ``runs_dir/name``; returns seconds per notebook.
 
-    With ``force=False`` a notebook whose content stamp (``notebook_stamp``) matches its last
-    successful run there is skipped; its recorded time is returned, the skip logged and its name
-    appended to ``skipped`` when given.
+    Every notebook is prepared (``prepare_notebook``: synced, parameters read, stamped) in the calling
+    thread before any runs; the worker threads only execute. With ``force=False`` a notebook whose
+    content stamp (``notebook_stamp``) matches its last successful run there is skipped; its recorded
+    time is returned, the skip logged and its name appended to ``skipped`` when given.
 
     ``workers`` > 1: the notebooks of ``FIRST`` run first, one at a time with every core; then the
     others run ``workers`` at a time, longest first, each kernel with its share of the cores
@@ -172,67 +212,94 @@ def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, l
     iterations, 38.7 s with 2 threads, 46.8 s with 1, 49 s each for two at once). A notebook's numbers
     depend on its thread count only through float rounding, and the count is fixed by ``workers``,
     so a run is reproducible.
-    """
-    import papermill as pm
 
+    **Failures.** A notebook that raises is logged the moment it fails (name, one-line reason, the
+    file ``<nb>.error.txt`` beside the executed notebook that holds the traceback) and leaves no
+    stamp, so the next incremental run re-executes it. As ``make`` does, the notebooks in flight
+    finish and no new one starts (``keep_going=True``, ``make run KEEP_GOING=1``: the rest run too;
+    the notebooks after ``FIRST`` do not read each other's outputs). Then ``NotebookFailures`` is
+    raised, listing every failure and every notebook not started.
+    """
     nb_dir = Path(nb_dir or REPO_ROOT / "notebooks")
     out = Path(runs_dir or REPO_ROOT / "runs") / name
     out.mkdir(parents=True, exist_ok=True)
     stamps_file = out / "stamps.json"
     stamps = json.loads(stamps_file.read_text()) if stamps_file.exists() else {}
-    timings, lock = {}, threading.Lock()
+    timings, failures, not_started = {}, {}, []
+    lock, stop = threading.Lock(), threading.Event()
+    clock = lambda: time.strftime("%H:%M:%S")  # noqa: E731
 
-    def one(nb):
-        sync_from_py(nb, nb_dir, log)
-        src = nb_dir / f"{nb}.ipynb"
-        declared = {p for p in pm.inspect_notebook(str(src))}
-        p = {k: v for k, v in params.items() if k in declared}
-        p["output_dir"] = str(out / nb)
-        stamp = notebook_stamp(nb, p, nb_dir)
+    jobs = {}  # main thread only: the parsing steps (module docstring of prepare_notebook)
+    for nb in notebooks:
+        job = prepare_notebook(nb, params, nb_dir, out, log)
         done = stamps.get(nb, {})
-        if not force and done.get("stamp") == stamp and (out / f"{nb}.ipynb").exists():
+        if not force and done.get("stamp") == job["stamp"] and (out / f"{nb}.ipynb").exists():
             timings[nb] = done.get("seconds", 0.0)
-            log(f"[{time.strftime('%H:%M:%S')}] {nb}: up to date, not re-executed (ran in {timings[nb]:.0f} s)")
+            log(f"[{clock()}] {nb}: up to date, not re-executed (ran in {timings[nb]:.0f} s)")
             if skipped is not None:
                 skipped.append(nb)
+        else:
+            jobs[nb] = job
+
+    def execute(job):
+        nb = job["nb"]
+        if stop.is_set():
+            with lock:
+                not_started.append(nb)
             return
         t0 = time.perf_counter()
-        log(f"[{time.strftime('%H:%M:%S')}] {nb} ...")
+        log(f"[{clock()}] {nb} ...")
+        err_file = out / f"{nb}.error.txt"
         with lock:
             stamps.pop(nb, None)  # a failed run leaves no stamp: it is retried next time
             atomic_write_json(stamps_file, stamps)
-        pm.execute_notebook(str(src), str(out / f"{nb}.ipynb"), parameters=p, cwd=str(nb_dir),
-                            kernel_name="python3", progress_bar=False, config=kernel_config())
+        try:
+            pm.execute_notebook(str(job["src"]), str(out / f"{nb}.ipynb"), parameters=job["params"], cwd=str(nb_dir),
+                                kernel_name="python3", progress_bar=False, config=kernel_config())
+        except Exception as exc:  # noqa: BLE001 -- every failure is recorded, reported and re-raised as one
+            seconds = round(time.perf_counter() - t0, 1)
+            atomic_write_text(err_file, f"{nb} failed after {seconds} s ({time.strftime('%Y-%m-%d %H:%M:%S')})\n\n"
+                              + strip_color(str(exc)) + "\n\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+            reason = _one_line_reason(exc)
+            with lock:
+                failures[nb] = {"reason": reason, "traceback": str(err_file), "seconds": seconds}
+                if not keep_going:
+                    stop.set()
+            log(f"[{clock()}] {nb} FAILED after {seconds:.0f} s: {reason}; traceback in {err_file}")
+            return
         seconds = round(time.perf_counter() - t0, 1)
+        err_file.unlink(missing_ok=True)  # an earlier failure's traceback no longer describes this notebook
         with lock:
             timings[nb] = seconds
-            stamps[nb] = {"stamp": stamp, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            stamps[nb] = {"stamp": job["stamp"], "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                           "workers": workers}
             atomic_write_json(stamps_file, stamps)
-        log(f"[{time.strftime('%H:%M:%S')}] {nb} done in {seconds:.0f} s")
+        log(f"[{clock()}] {nb} done in {seconds:.0f} s")
 
     workers = max(1, int(workers))
-    if workers == 1:
-        for nb in notebooks:
-            one(nb)
-    else:
-        for nb in [n for n in notebooks if n in FIRST]:
-            one(nb)
-        rest = [n for n in notebooks if n not in FIRST]
-        rest.sort(key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else len(LONGEST_FIRST))
+    first = [jobs[n] for n in notebooks if n in jobs and (workers == 1 or n in FIRST)]
+    rest = [jobs[n] for n in notebooks if n in jobs and workers > 1 and n not in FIRST]
+    for job in first:
+        execute(job)
+    if rest:
+        rest.sort(key=lambda j: LONGEST_FIRST.index(j["nb"]) if j["nb"] in LONGEST_FIRST else len(LONGEST_FIRST))
         saved = {v: os.environ.get(v) for v in _THREAD_VARS}
         os.environ.update({v: str(max(1, (os.cpu_count() or 1) // workers)) for v in _THREAD_VARS})
         try:
             with ThreadPoolExecutor(workers) as pool:
-                for f in [pool.submit(one, nb) for nb in rest]:
-                    f.result()  # the first failure is raised once the notebooks in flight have ended
+                for f in [pool.submit(execute, job) for job in rest]:
+                    f.result()  # execute records failures itself; this re-raises only a defect of the runner
         finally:
             for v, old in saved.items():
                 if old is None:
                     os.environ.pop(v, None)
                 else:
                     os.environ[v] = old
-    return {nb: timings[nb] for nb in notebooks if nb in timings}
+    timings = {nb: timings[nb] for nb in notebooks if nb in timings}
+    if failures:
+        raise NotebookFailures({nb: failures[nb] for nb in notebooks if nb in failures},
+                               [nb for nb in notebooks if nb in not_started], timings)
+    return timings
 
 
 def summary_text(out: Path) -> str:
@@ -288,13 +355,28 @@ def main(argv=None) -> int:
                     help="re-execute every notebook, even those whose stamp says they are up to date")
     ap.add_argument("--workers", type=int, default=default_workers(),
                     help="notebooks run side by side after 01 and 02 (default: 2 on 2 or more cores)")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="after a notebook fails, still start the ones not yet begun (default: as make, finish "
+                         "those in flight and start no new one)")
+    ap.add_argument("--notebook-dir", default=None, help="folder of the notebooks (default <repo>/notebooks)")
     args = ap.parse_args(argv)
     params = {"show_progress": False, **{k: _literal(v) for k, v in args.parameter}}
     out = Path(args.runs_dir or REPO_ROOT / "runs") / args.name
     t0 = time.perf_counter()
     skipped = []
-    timings = run_notebooks(args.name, params, args.notebooks.split(","), args.runs_dir, force=args.force,
-                            skipped=skipped, workers=args.workers)
+    try:
+        timings = run_notebooks(args.name, params, args.notebooks.split(","), args.runs_dir, force=args.force,
+                                skipped=skipped, workers=args.workers, keep_going=args.keep_going,
+                                nb_dir=args.notebook_dir)
+    except NotebookFailures as fail:
+        total = time.perf_counter() - t0
+        report = failure_report(args.name, fail, skipped, total)
+        atomic_write_text(out / "summary.txt", report)
+        atomic_write_json(out / "timings.json", {"notebooks": fail.timings, "total_seconds": round(total, 1),
+                                                 "parameters": params, "up_to_date": skipped,
+                                                 "failed": fail.failures, "not_started": fail.not_started})
+        print(report, file=sys.stderr)
+        return 1
     total = time.perf_counter() - t0
     text = summary_text(out)
     report = f"main job '{args.name}': {len(timings) - len(skipped)} of {len(timings)} notebooks executed in " \
@@ -307,6 +389,20 @@ def main(argv=None) -> int:
     print(report)
     return 0
 
+
+def failure_report(name: str, fail: NotebookFailures, skipped: list, total: float) -> str:
+    """What a failed main job prints (and writes to ``summary.txt`` in place of the tables): each
+    notebook's time, each failure with its reason and traceback file, the notebooks not started."""
+    lines = [f"main job '{name}' FAILED after {total / 60:.1f} min: {len(fail.failures)} notebook"
+             f"{'s' if len(fail.failures) != 1 else ''} failed"
+             + (f", {len(fail.not_started)} not started" if fail.not_started else "")
+             + " (the next `make run` re-executes only these and any that changed)"]
+    lines += [f"  {k}: {v:.0f} s" + (" (earlier run)" if k in skipped else "") for k, v in fail.timings.items()]
+    lines += [f"  {nb}: FAILED after {f['seconds']:.0f} s: {f['reason']} (traceback: {f['traceback']})"
+              for nb, f in fail.failures.items()]
+    lines += [f"  {nb}: not started (a notebook failed before it; `make run KEEP_GOING=1` starts the rest anyway)"
+              for nb in fail.not_started]
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     sys.exit(main())
