@@ -226,3 +226,39 @@ def test_main_exits_nonzero_and_lists_every_failure(tmp_path, capsys):
     assert "2 notebooks failed" in err and "x: FAILED" in err and "y: FAILED" in err and "ZeroDivisionError" in err
     summary = (tmp_path / "runs" / "m" / "summary.txt").read_text()
     assert "FAILED" in summary and "x.error.txt" in summary
+
+
+def test_a_cell_past_the_timeout_fails_its_notebook(tmp_path):
+    """A cell that never ends (here a sleep; in the wild a kernel whose reply was lost) fails its notebook
+    after ``cell_timeout`` seconds, named, instead of holding the run for ever."""
+    import pytest
+
+    from trm_utils import run_all as RA
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "slow.ipynb", "import time\ntime.sleep(60)")
+    with pytest.raises(RA.NotebookFailures) as info:
+        run_notebooks("t", {}, ["slow"], runs_dir=tmp_path / "runs", nb_dir=nbs, log=lambda *a: None, cell_timeout=3)
+    assert "slow" in info.value.failures and "Timeout" in info.value.failures["slow"]["reason"]
+
+
+def test_widget_outputs_stay_in_the_cell_headless(tmp_path):
+    """The runner's client does not mirror Output widgets back to the kernel over the shell socket
+    (the send that hung notebook 03's explorer cell, jupyter/nbclient#312): what an ``interactive``
+    draws is kept as the cell's own output, and the notebook completes."""
+    from trm_utils import run_all as RA
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "w.ipynb", "import ipywidgets as widgets\n"
+                               "def f(x):\n    print('drawn', x)\n"
+                               "w = widgets.interactive(f, x=widgets.IntSlider(value=3, min=0, max=5))\n"
+                               "display(w)")
+    run_notebooks("h", {}, ["w"], runs_dir=tmp_path / "runs", nb_dir=nbs, log=lambda *a: None)
+    outs = nbformat.read(tmp_path / "runs" / "h" / "w.ipynb", as_version=4).cells[-1].outputs
+    assert any("drawn 3" in o.get("text", "") for o in outs), outs
+    from types import SimpleNamespace
+
+    client = RA.HeadlessClient(SimpleNamespace(nb=nbformat.v4.new_notebook()))
+    assert client.widget_registry == {}

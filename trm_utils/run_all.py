@@ -10,13 +10,14 @@ Parameters given with ``-p`` are injected into every notebook that declares them
 successful run in that folder (``runs/<name>/stamps.json``): a hash of the notebook's source
 (``.py``), of every ``trm_utils`` module it imports (followed through the package's own imports),
 of the parameters injected into it, and of the committed results it reads (``DATA_INPUTS``: the
-budget checks in ``results/calibration/``). The notebooks do not read each other's outputs (the
-source models they share are cached by a key of everything that determines them, and rebuilt when
-missing), so no notebook depends on another's run: a one-line change to one notebook re-executes
+carried source models in ``results/sources/``, the budget checks in ``results/calibration/``). The
+notebooks do not read each other's outputs (the source models they share are carried with the
+repository, or cached by their identity and trained when missing), so no notebook depends on another's run: a one-line change to one notebook re-executes
 that notebook alone, a change to a shared module every notebook that imports it. ``--force``
 (``make run FORCE=1``) re-executes all.
 
-**Side by side.** After 01 and 02 (02 caches the source models the others load), the other
+**Side by side.** After 01 and 02 (02 trains and caches any source model that is not carried, so
+that two notebooks never train the same one at once; on the phantom every source is carried), the other
 notebooks run two at a time on a machine with 2 or more cores (``--workers``), each kernel with its
 share of the cores: small networks use a second thread poorly, so two kernels finish sooner than
 one after the other (``run_notebooks``).
@@ -37,10 +38,14 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import papermill as pm
+from papermill.clientwrap import PapermillNotebookClient
+from papermill.engines import NBClientEngine, papermill_engines
 from papermill.exceptions import strip_color
+from papermill.log import logger as pm_logger
 
 from .utils import REPO_ROOT, atomic_write_json, atomic_write_text
 
@@ -92,9 +97,12 @@ def module_closure(source: str, package: str = "trm_utils") -> list:
     return sorted(seen)
 
 
-#: Committed result folders a notebook reads (their files are part of its stamp): the budget checks'
-#: verdicts printed by notebooks 04 and 05, and the committed tumour table notebook 04 shows.
-DATA_INPUTS = {"04_weighted_finetuning": ("results/calibration",), "05_few_shot": ("results/calibration",)}
+#: Committed result folders a notebook reads (their files are part of its stamp): the carried source models
+#: (``results/sources``) that 02-06 load, the budget checks' verdicts printed by notebooks 02 (sources), 04 and
+#: 05, and the committed tumour table notebook 04 shows.
+DATA_INPUTS = {"02_pixel_leep": ("results/sources", "results/calibration"), "03_risk_maps": ("results/sources",),
+               "04_weighted_finetuning": ("results/calibration", "results/sources"),
+               "05_few_shot": ("results/calibration", "results/sources"), "06_transfer_cell": ("results/sources",)}
 
 
 def notebook_stamp(nb: str, params: dict, nb_dir=None) -> str:
@@ -147,7 +155,41 @@ def kernel_config():
     return cfg
 
 
-#: Notebooks the others need first: 02 trains and caches the source models that 03-06 load. The others
+class HeadlessClient(PapermillNotebookClient):
+    """papermill's notebook client without nbclient's mirror of Output widgets.
+
+    nbclient mirrors what a cell prints into an ipywidgets ``Output`` widget (``interactive`` draws
+    into one) back to the kernel: a ``comm_msg`` sent on the shell socket while that same socket is
+    awaiting the cell's ``execute_reply`` (``nbclient.output_widget.OutputWidget.sync_state``). Under
+    load the send can swallow the socket's wake-up, the reply is never read, and the run hangs for
+    good with the kernel idle: seen twice on notebook 03's explorer cell on 2026-12-06 (a fresh-clone
+    ``make run``, ipykernel 7.4; the tests' smoke run, ipykernel 6.31; the kernel had executed the
+    cell both times), jupyter/nbclient#312. Headless nobody views the widget, so nothing is mirrored:
+    what the widget draws is kept as the cell's own output (the executed notebook and the book show
+    the explorer's first figure as an image)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.widget_registry = {}
+
+
+class HeadlessEngine(NBClientEngine):
+    """papermill's default engine with ``HeadlessClient`` (registered as ``trm-headless``)."""
+
+    @classmethod
+    def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None,
+                                 start_timeout=60, execution_timeout=None, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("input_path", "timeout", "startup_timeout")}
+        return HeadlessClient(nb_man, timeout=execution_timeout, startup_timeout=start_timeout, kernel_name=kernel_name,
+                              log=pm_logger, log_output=log_output, stdout_file=stdout_file, stderr_file=stderr_file,
+                              **kwargs).execute()
+
+
+papermill_engines.register("trm-headless", HeadlessEngine)
+
+
+#: Notebooks the others need first: 02 trains and caches any source model 03-06 load that is not carried
+#: (with ``retrain_sources=True`` or on data without carried sources; none in the main job). The others
 #: read nothing another notebook writes, so after these they may run side by side.
 FIRST = ("01_leep", "02_pixel_leep")
 #: The order in which the independent notebooks are handed to the workers: the longest first.
@@ -196,8 +238,15 @@ def prepare_notebook(nb: str, params: dict, nb_dir: Path, out: Path, log=print) 
     return {"nb": nb, "src": src, "params": p, "stamp": notebook_stamp(nb, p, nb_dir)}
 
 
+#: The longest a single cell may run before the notebook fails (seconds; None: no limit). The main job's
+#: longest cell takes about 20 minutes on 2 CPU cores (notebook 04's grid); a cell past an hour is taken
+#: for a hung kernel connection, reported as a failure rather than waited on for ever.
+CELL_TIMEOUT = 3600
+
+
 def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, log=print, force: bool = True,
-                  nb_dir=None, skipped: list = None, workers: int = 1, keep_going: bool = False) -> dict:
+                  nb_dir=None, skipped: list = None, workers: int = 1, keep_going: bool = False,
+                  cell_timeout: Optional[int] = CELL_TIMEOUT) -> dict:
     """Execute ``notebooks`` with papermill into ``runs_dir/name``; returns seconds per notebook.
 
     Every notebook is prepared (``prepare_notebook``: synced, parameters read, stamped) in the calling
@@ -218,7 +267,8 @@ def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, l
     stamp, so the next incremental run re-executes it. As ``make`` does, the notebooks in flight
     finish and no new one starts (``keep_going=True``, ``make run KEEP_GOING=1``: the rest run too;
     the notebooks after ``FIRST`` do not read each other's outputs). Then ``NotebookFailures`` is
-    raised, listing every failure and every notebook not started.
+    raised, listing every failure and every notebook not started. A cell running longer than
+    ``cell_timeout`` seconds (``CELL_TIMEOUT``; None: no limit) fails its notebook.
     """
     nb_dir = Path(nb_dir or REPO_ROOT / "notebooks")
     out = Path(runs_dir or REPO_ROOT / "runs") / name
@@ -255,7 +305,8 @@ def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, l
             atomic_write_json(stamps_file, stamps)
         try:
             pm.execute_notebook(str(job["src"]), str(out / f"{nb}.ipynb"), parameters=job["params"], cwd=str(nb_dir),
-                                kernel_name="python3", progress_bar=False, config=kernel_config())
+                                kernel_name="python3", progress_bar=False, config=kernel_config(),
+                                execution_timeout=cell_timeout, engine_name="trm-headless")
         except Exception as exc:  # noqa: BLE001 -- every failure is recorded, reported and re-raised as one
             seconds = round(time.perf_counter() - t0, 1)
             atomic_write_text(err_file, f"{nb} failed after {seconds} s ({time.strftime('%Y-%m-%d %H:%M:%S')})\n\n"
@@ -305,7 +356,7 @@ def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, l
 def summary_text(out: Path) -> str:
     """The per-method summary of notebook 04 (and the few-shot gains of notebook 05), each run's status
     and the committed budget checks' verdicts."""
-    from .budget import FAMILIES, verdict_text
+    from . import budget as B
     from .experiments import status_counts, status_line
 
     lines = []
@@ -327,10 +378,9 @@ def summary_text(out: Path) -> str:
         for r in s.itertuples():
             lines.append(f"  {int(r.n_slices):>4} slices: vanilla {r.vanilla:.4f} ± {r.vanilla_std:.4f}  "
                          f"TRM {r.trm:.4f} ± {r.trm_std:.4f}  ({r.gain_pct:+.2f}%)")
-    lines.append("budget checks (results/calibration, committed; the rule: doubling the budget changes no method's "
-                 "mean Dice by more than 0.01 nor its gain by more than 1 point):")
-    for fam in FAMILIES:
-        lines += ["  " + ln for ln in verdict_text(fam).splitlines()]
+    lines.append(f"budget checks (results/calibration, committed; {B.RULE}):")
+    for fam in B.FAMILIES:
+        lines += ["  " + ln for ln in B.verdict_text(fam).splitlines()]
     f7 = out / "07_reproduce_paper" / "report" / "report.md"
     if f7.exists():
         text = f7.read_text()
@@ -359,6 +409,8 @@ def main(argv=None) -> int:
                     help="after a notebook fails, still start the ones not yet begun (default: as make, finish "
                          "those in flight and start no new one)")
     ap.add_argument("--notebook-dir", default=None, help="folder of the notebooks (default <repo>/notebooks)")
+    ap.add_argument("--cell-timeout", type=int, default=CELL_TIMEOUT,
+                    help=f"seconds a cell may run before its notebook fails (default {CELL_TIMEOUT}; 0: no limit)")
     args = ap.parse_args(argv)
     params = {"show_progress": False, **{k: _literal(v) for k, v in args.parameter}}
     out = Path(args.runs_dir or REPO_ROOT / "runs") / args.name
@@ -367,7 +419,7 @@ def main(argv=None) -> int:
     try:
         timings = run_notebooks(args.name, params, args.notebooks.split(","), args.runs_dir, force=args.force,
                                 skipped=skipped, workers=args.workers, keep_going=args.keep_going,
-                                nb_dir=args.notebook_dir)
+                                nb_dir=args.notebook_dir, cell_timeout=args.cell_timeout or None)
     except NotebookFailures as fail:
         total = time.perf_counter() - t0
         report = failure_report(args.name, fail, skipped, total)
