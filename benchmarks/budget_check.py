@@ -21,7 +21,12 @@ Writes, under ``--out`` (default ``results/calibration``):
 * ``<family>_sources_budget_check.csv``: per source, its held-out Dice at T_s and 2T_s, status,
   the change and the verdict;
 * ``<family>_budget_runs.csv``: every run at both budgets, with its curve (for the status table);
-* ``<family>_budget_check.json``: the command, settings, seconds, threads and the verdicts.
+* ``<family>_budget_check.json``: the grid check's command, settings, seconds, threads, CPU, the
+  source models it used (carried or trained here) and its verdict; ``<family>_sources_budget_check.json``
+  the same for the source check.
+
+``--carry`` commits the sources trained at T_s to ``results/sources/`` once the source check
+accepts T_s (``trm_utils.budget.carry_sources``; ``trm_utils.sources`` says what a carried source is).
 
 ``--budget T`` checks a candidate budget (a whole multiple of the preset's) against 2T and writes
 ``<family>_T<budget>_budget_check.*`` beside the preset's own check, which notebooks 04 and 05 keep
@@ -46,6 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from trm_utils import budget as B  # noqa: E402
@@ -79,6 +85,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None,
                     help="check the grid with this candidate fine-tuning learning rate (the sources keep theirs); files "
                          "<family>[_T<budget>]_lr<lr>_*")
+    ap.add_argument("--carry", action="store_true",
+                    help="after the source check, commit the sources trained at T_s to results/sources/ (only when "
+                         "the check accepts T_s; trm_utils.budget.carry_sources)")
+    ap.add_argument("--reuse-t", default=None, metavar="RUNS_CSV",
+                    help="take this check's T runs from an earlier check's runs file whose 2T is this T (a doubling "
+                         "series trains each budget once; same sources and settings, else an error)")
     ap.add_argument("--methods", default=None,
                     help="comma-separated subset of the family's methods: a partial check (a failure fails the full "
                          "check; a pass does not pass it); files ..._partial_*")
@@ -106,17 +118,38 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "settings": fam, "budget": cfg["iterations"],
             "lr": cfg["lr"], "methods": methods,
             "cpu": machine_info()["cpu"]}
+    name, sources, _ = B.family_tasks(a.family, a.preset)
+    root = B.family_root(a.family, a.preset, a.data_dir)
     if not a.skip_sources:
         ts = time.perf_counter()
         src = B.check_sources(a.family, a.preset, a.data_dir, factor=a.factor, log=print)
         E.write_csv(src, out / f"{stem}_sources_budget_check.csv")
-        meta["sources_seconds"] = round(time.perf_counter() - ts, 1)
-        meta["sources_accepted"] = bool(src.ok.all())
+        smeta = {**meta, "seconds": round(time.perf_counter() - ts, 1), "accepted": bool(src.ok.all()),
+                 "source_iterations": int(src.iterations_T.iloc[0])}
+        for k in ("budget", "lr", "methods", "seeds"):  # the fine-tuning grid's settings: not this check's
+            smeta.pop(k)
+        atomic_write_json(out / f"{stem}_sources_budget_check.json", smeta)
         print(src.round(4).to_string(index=False))
+    if a.carry:
+        try:
+            carried = B.carry_sources(a.family, a.preset, a.data_dir, check_folder=out)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"carried: {', '.join(str(p) for p in carried)}")
     if not a.skip_grid:
+        # which model each source was: the carried one (its identity matched) or one trained in this checkout
+        meta["sources_used"] = {s: E.source_choice(name, root, s, E.get_preset(a.preset))[2] for s in sources}
         tg = time.perf_counter()
-        table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print,
-                                   workers=a.workers, budget=a.budget, lr=a.lr, methods=methods)
+        reuse = pd.read_csv(a.reuse_t) if a.reuse_t else None
+        try:
+            table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print,
+                                       workers=a.workers, budget=a.budget, lr=a.lr, methods=methods, reuse_t=reuse)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if a.reuse_t:
+            meta["reused_t_from"] = str(a.reuse_t)
         E.write_csv(table, out / f"{stem}_budget_check.csv")
         E.write_csv(runs, out / f"{stem}_budget_runs.csv")
         meta["grid_seconds"] = round(time.perf_counter() - tg, 1)
@@ -124,8 +157,8 @@ def main(argv=None) -> int:
         if partial:
             meta["partial"] = True
         print(table.round(4).to_string(index=False))
-    meta["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_json(out / f"{stem}_budget_check.json", meta)
+        meta["seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(out / f"{stem}_budget_check.json", meta)
     if not parts:
         print(B.verdict_text(a.family, out))
     else:

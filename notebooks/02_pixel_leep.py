@@ -22,9 +22,9 @@
 #   expected to transfer well and where it is not, one map over the whole target set as the authors' code
 #   computes it, beside the per-image variant. Notebook 03 turns it into a transfer risk map.
 #
-# **Compute budget** (tutorial preset, phantom): about 7 min on 2 CPU cores the first time (the phantom is
-# written, 4 source U-Nets are trained two at a time and cached; the tumour ones for 3000 iterations), under a
-# minute after.
+# **Compute budget** (tutorial preset, phantom): about a minute on 2 CPU cores (the phantom is written the first
+# time; the 4 source U-Nets are loaded from `results/sources/`). With `retrain_sources=True` they are trained
+# here, two at a time: the tissue ones in about a minute, the tumour ones (6000 iterations) in about 15 minutes.
 
 # %% [markdown]
 # ## 0. Setup
@@ -55,6 +55,7 @@ import pandas as pd
 import torch
 
 from trm_utils import PixelLEEP, evaluate, leep, pixel_leep, transferability, transferability_maps
+from trm_utils import budget as B
 from trm_utils import experiments as E
 from trm_utils import viz
 from trm_utils.notebook import setup
@@ -72,9 +73,11 @@ tissue_sources = None  # None: the preset's grid
 tissue_targets = None  # None: every tissue task
 tumour_sources = None
 tumour_targets = None
+retrain_sources = False  # True: train the source models here instead of loading results/sources/
 
 # %%
-ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
+ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress,
+            retrain_sources=retrain_sources)
 families = ctx.families(tissue_sources, tissue_targets, tumour_sources, tumour_targets, all_targets=True)
 for fam, (name, root, src, tgt) in families.items():
     print(f"{fam}: sources {src}; targets {tgt}")
@@ -137,15 +140,25 @@ print(f"streamed: {est.score():.6f}  one call: {pixel_leep(probs, labels):.6f}  
 # states neither its source loss nor its learning rate). The tissue sources learn with cross-entropy; the
 # tumour sources with cross-entropy + soft Dice, because with cross-entropy alone this small U-Net learns
 # only the oedema of the four tumour classes (a T2 source reached mean Dice 0.17 after 1500 iterations,
-# NCR and ET at 0). Fine-tuning (notebook 04) uses the paper's losses, never the Dice term. They are
-# cached under `cache/sources/` and reused by notebooks 03-05; the line below each says whether it was
-# loaded or trained (on a CPU the missing ones are trained side by side, one process per core:
-# `E.prepare_sources`). The last column is each source's Dice on its *own* task's held-out subjects.
+# NCR and ET at 0). Fine-tuning (notebook 04) uses the paper's losses, never the Dice term.
+#
+# **The sources are carried with the repository** (`results/sources/`), not retrained in every checkout. A
+# source retrained on another CPU is another model: its sums round differently and the difference grows
+# over thousands of iterations (one tumour source reached held-out Dice 0.7793 on one CPU and 0.7392 on
+# another), and every transfer from it moves with it, by more than the seeds do. So each source was trained
+# once, at a budget its own doubling check accepts (notebook 04, "Are the runs long enough?"), and committed
+# with its **identity** (everything that decides its weights: data by content, task, architecture, budget,
+# learning rate, loss, augmentation, seed), its **provenance** (the commit and CPU that trained it), its
+# held-out curve and its Dice on its own task. A notebook loads the carried model only when its identity is
+# exactly what the notebook would train; otherwise it trains one (and says why, in one line: what differs).
+# `retrain_sources=True` trains them here instead (their times are in the table below: the tumour sources
+# take the longest). On a CPU the sources to train are trained side by side, one process per core
+# (`E.prepare_sources`). The last columns give each source's Dice on its *own* task's held-out subjects.
 
 # %%
-# the sources not cached yet are trained first, side by side on a CPU (one process per core), then all loaded
+# carried where the identity matches; the others trained first, side by side on a CPU, then all loaded
 jobs = [(name, root, task) for name, root, src_tasks, _ in families.values() for task in src_tasks]
-trained = E.prepare_sources(jobs, ctx.cfg, device=ctx.device)
+trained = E.prepare_sources(jobs, ctx.cfg, device=ctx.device, retrain=ctx.retrain_sources)
 sources = {}
 rows = []
 for fam, (name, root, src_tasks, _) in families.items():
@@ -154,28 +167,40 @@ for fam, (name, root, src_tasks, _) in families.items():
         sources[(fam, task)] = model
         own = evaluate(model, E.load_task(name, root, task, "test", ctx.cfg), device=ctx.device)["dice"]
         st = info["run_status"] or {}
-        rows.append({"family": fam, "source": task, "cache": info["status"], "train_seconds": info["seconds"],
-                     "own_task_dice": own, "status": st.get("status"), "curve": info["curve"]})
-        print(f"{task:>10}: {info['status']} ({info['path']}); Dice on its own test subjects {own:.3f}; "
-              f"held-out curve: {st.get('status')} (run status, notebook 04)")
+        prov = info.get("provenance") or {}
+        rows.append({"family": fam, "source": task, "origin": info["status"],
+                     "iterations": E.source_iterations(ctx.cfg, name), "train_seconds": info["seconds"],
+                     "trained_on": prov.get("cpu"), "commit": prov.get("commit"), "own_task_dice": own,
+                     "status": st.get("status"), "curve": info["curve"]})
 source_table = pd.DataFrame(rows)
+print(source_table.drop(columns="curve").round(4).to_string(index=False))
 ctx.save_table(source_table, "source_models")
 
 # %% [markdown]
 # A source that has not finished learning would make every transfer from it look worse than it is. Each
-# source's held-out Dice during pre-training (its own task's test subjects, for analysis only):
+# source's held-out Dice during pre-training (its own task's test subjects, for analysis only; one panel per
+# family, as their budgets differ), and the verdict of each family's source check: a budget T_s is accepted
+# when the same source trained for 2T_s is not more than 0.01 higher on its own task (rule v2; a tumour source
+# must also reach 0.35). The check's numbers are the committed ones, made with these carried models at T_s.
 
 # %%
-fig, ax = plt.subplots(figsize=(6, 3.4))
-for r in source_table.itertuples():
-    if r.curve:
-        it, d = zip(*r.curve)
-        ax.plot(it, d, label=f"{r.source} ({r.family})")
-ax.set_xlabel("pre-training iteration")
-ax.set_ylabel("held-out Dice (own task)")
-ax.legend(fontsize=7)
+fams = list(dict.fromkeys(source_table.family))
+fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 3.4), squeeze=False)
+for ax, fam in zip(axes[0], fams):
+    for r in source_table[source_table.family == fam].itertuples():
+        if r.curve:
+            it, d = zip(*r.curve)
+            ax.plot(it, d, label=f"{r.source} ({r.origin})")
+    ax.set_title(f"{fam} sources", fontsize=9)
+    ax.set_xlabel("pre-training iteration")
+    ax.set_ylabel("held-out Dice (own task)")
+    ax.legend(fontsize=7)
 ctx.save_fig(fig, "source_curves")
 plt.show()
+if ctx.preset == "tutorial" and dataset == "phantom":
+    for fam in ("tissue", "tumour", "fewshot"):
+        chk = B.load_check(fam)["sources"]
+        print(B.source_verdict_line(fam, chk) if chk is not None else f"{fam}: no source check committed")
 
 # %% [markdown]
 # ## 3. Pixel-LEEP for every source → target pair

@@ -69,16 +69,18 @@ tissue_targets = None
 tumour_sources = None
 tumour_targets = None
 bases = [2.0, 10.0, 100.0]  # exponential-scaling bases to compare; the paper uses 10
+retrain_sources = False  # True: train the source models here instead of loading results/sources/
 
 # %%
-ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
+ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress,
+            retrain_sources=retrain_sources)
 families = ctx.families(tissue_sources, tissue_targets, tumour_sources, tumour_targets)
 maps = {}  # (family, source, target) -> (train slices, both readings' maps, the source's argmax prediction)
 for fam, (name, root, src_tasks, tgt_tasks) in families.items():
     for target in tgt_tasks:
         train = E.load_task(name, root, target, "train", ctx.cfg)
         for s in src_tasks:
-            model, info = E.source_model(name, root, s, ctx.cfg, device=ctx.device, show_progress=ctx.show_progress)
+            model, info = ctx.source(name, root, s)
             r = transferability_maps(model, train, patch=ctx.cfg["map_patch"], device=ctx.device)
             pred = torch.cat([p.argmax(1).cpu() for _, p in predict_probs(model, train.images, 32, ctx.device)])
             maps[(fam, s, target)] = (train, r, pred)

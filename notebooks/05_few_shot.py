@@ -27,8 +27,8 @@
 # **Budget.** The few-shot runs have their own budget (the preset's `fewshot` keys; tutorial: 400 iterations,
 # held-out Dice every 25) because they learn from far fewer slices: at the tissue grid's 600 iterations their
 # held-out Dice peaked and then fell by 0.012-0.019. Whether 400 is long enough is the budget check's verdict
-# (the same study at 800 iterations; notebook 04 states the rule), printed in section 1.1 beside each run's
-# status.
+# (the same study at 800 iterations; notebook 04 states the rule, v2: no method more than 0.01 higher at 2T,
+# a fall printed as drift), printed in section 1.1 beside each run's status with each gain's stability.
 
 # %% [markdown]
 # ## 0. Setup
@@ -77,9 +77,11 @@ fewshot_slices = None  # None: tutorial [100, 25]; paper [400, 100, 50]
 methods = ["vanilla", "trm"]
 engine = "batched"  # batched: a cell's runs at once (finetune_cell) | per_run: one finetune after another
 early_iteration = 150  # the runs are also read at this iteration: the early picture
+retrain_sources = False  # True: train the source models here instead of loading results/sources/
 
 # %%
-ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress)
+ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress,
+            retrain_sources=retrain_sources)
 if "tissue" not in ctx.data:
     raise ValueError(f"the few-shot study uses the tissue tasks; dataset={dataset!r} has none (use phantom or iseg2019)")
 name, root = ctx.data["tissue"]
@@ -102,7 +104,7 @@ runs = []
 for n in sizes:
     print(f"--- {n} target slices")
     df = E.run_grid(name, root, [fewshot_source], targets, methods, ctx.seeds, ctx.cfg, device=ctx.device,
-                    max_slices=n, show_progress=ctx.show_progress, engine=engine)
+                    max_slices=n, show_progress=ctx.show_progress, engine=engine, retrain_sources=ctx.retrain_sources)
     df.insert(0, "n_slices", n)
     runs.append(df)
 runs = pd.concat(runs, ignore_index=True)

@@ -74,11 +74,13 @@ device = "auto"
 num_threads = 0  # torch CPU threads (0: torch's default); a sweep's local pool gives each unit its share
 cache_dir = None  # source-model cache (None: $TRM_CACHE_DIR or <repo>/cache)
 show_progress = True
+retrain_sources = False  # True: train the source models here instead of loading results/sources/
 
 # %%
 if num_threads:
     torch.set_num_threads(int(num_threads))
-ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress, **overrides)
+ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, show_progress,
+            retrain_sources=retrain_sources, **overrides)
 if family not in ctx.data:
     raise ValueError(f"dataset {dataset!r} has no {family} tasks (it has {list(ctx.data)}); set family to one of those")
 name, root = ctx.data[family]
@@ -94,9 +96,10 @@ print(f"cell: {name} {source} -> {target}" + (f", {n_slices} target slices" if n
 
 # %%
 runs = E.run_grid(name, root, [source], [target], methods, ctx.seeds, ctx.cfg, device=ctx.device,
-                  max_slices=n_slices, show_progress=ctx.show_progress, cache_dir=cache_dir)
+                  max_slices=n_slices, show_progress=ctx.show_progress, cache_dir=cache_dir,
+                  retrain_sources=ctx.retrain_sources)
 runs.insert(0, "n_slices", n_slices)
-src_model, src_info = E.source_model(name, root, source, ctx.cfg, device=ctx.device, cache_dir=cache_dir)
+src_model, src_info = ctx.source(name, root, source, cache_dir=cache_dir, quiet=True)
 src_status = src_info["run_status"] or {}
 runs["source_status"] = src_status.get("status")
 runs["source_dice"] = src_info["curve"][-1][1] if src_info["curve"] else float("nan")

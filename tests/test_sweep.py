@@ -106,7 +106,7 @@ def test_data_signature_names_the_content_not_the_place_or_time(tmp_path, settin
         os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     moved = {"tissue": ("iseg2019", str(copy))}
     assert S.data_signature(moved, memo)["iseg2019"] == here["iseg2019"]
-    files = S.dataset_files(D.open_dataset("iseg2019", copy))
+    files = D.dataset_files(D.open_dataset("iseg2019", copy))
     assert any(f.suffix == ".hdr" for f in files) and any(f.suffix == ".img" for f in files)  # both halves of a pair
     img = next(f for f in files if f.suffix == ".img")
     b = bytearray(img.read_bytes())
@@ -116,7 +116,7 @@ def test_data_signature_names_the_content_not_the_place_or_time(tmp_path, settin
     assert changed != here["iseg2019"]
     (folder / "notes.csv").write_text("a,b\n")  # a top-level file (FeTS keeps its partitions there)
     assert S.data_signature(moved, memo)["iseg2019"] != changed
-    fets = S.dataset_files(D.open_dataset("fets2021", fams["tumour"][1]))
+    fets = D.dataset_files(D.open_dataset("fets2021", fams["tumour"][1]))
     assert {"partitioning_1.csv", "partitioning_2.csv"} <= {f.name for f in fets}
 
 
@@ -225,7 +225,10 @@ def test_report_budget_check_verdicts():
                        lambda i, m, sd: base(i, m, sd) + (0.03 if m == "trm" else 0.0), 1200)
     bad = R.budget_check(runs, moved, planned=[f"u{i}" for i in range(4)])
     assert not bad["accepted"] and R.check_label(bad).startswith("EARLY-BUDGET (budget check NOT passed on 4 cells")
-    assert "largest change of a mean Dice 0.0300" in R.check_label(bad)
+    assert "largest change of a table method's mean Dice +0.0300 (rule v2: at most +0.01)" in R.check_label(bad)
+    fell = _fake_runs(cells, ["vanilla", "trm"], [0, 1, 2], lambda i, m, sd: base(i, m, sd) - 0.03, 1200)
+    over = R.budget_check(runs, fell, planned=[f"u{i}" for i in range(4)])  # rule v2: a fall is drift, accepted
+    assert over["accepted"] and "largest fall -0.0300 (overfitting: drift, not a failure)" in R.check_label(over)
     part = R.budget_check(runs, ok[ok.source != "S3"], planned=[f"u{i}" for i in range(4)])
     assert part["cells"] == 3 and not part["accepted"] and "incomplete: 3 of 4 cells" in R.check_label(part)
     assert R.budget_check(runs, None) is None and R.check_label(None).startswith("EARLY-BUDGET (unchecked")

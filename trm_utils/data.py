@@ -17,7 +17,7 @@ from pathlib import Path
 from . import phantom as ph
 from .datasets import (DATASETS, FETS_DIR, FETS_TO_CLASS, FETS_VALUES, HOW_TO_GET, ISEG_DIR, ISEG_LABELS,
                        ISEG_VALUES, MSD_CHANNELS, MSD_DIR, MSD_TO_FETS, TUMOUR_CLASSES, DataError, FeTS2021,
-                       ISeg2019, MSDBrainTumour, class_names, default_data_dir, load_volume, num_classes_of,
+                       ISeg2019, MSDBrainTumour, class_names, content_signature, dataset_files, default_data_dir, load_volume, num_classes_of,
                        open_dataset, parse_task, verify)
 from .phantom import PHANTOM_MANIFEST, PhantomConfig
 from .slices import SliceDataset, brain_box, fit_slices, split_subjects, task_slices, zscore_brain
@@ -28,7 +28,7 @@ PRESETS = ph.PRESETS
 __all__ = [
     "DATASETS", "FETS_DIR", "FETS_TO_CLASS", "FETS_VALUES", "HOW_TO_GET", "ISEG_DIR", "ISEG_LABELS", "ISEG_VALUES",
     "MSD_CHANNELS", "MSD_DIR", "MSD_TO_FETS", "TUMOUR_CLASSES", "DataError", "FeTS2021", "ISeg2019", "MSDBrainTumour",
-    "class_names", "default_data_dir", "load_volume", "num_classes_of", "open_dataset", "parse_task", "verify",
+    "class_names", "content_signature", "dataset_files", "default_data_dir", "load_volume", "num_classes_of", "open_dataset", "parse_task", "verify",
     "PHANTOM_MANIFEST", "PhantomConfig", "PRESETS", "make_phantom",
     "SliceDataset", "brain_box", "fit_slices", "split_subjects", "task_slices", "zscore_brain",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import json
 import os
 import re
 import zlib
@@ -20,7 +21,7 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
-from .utils import REPO_ROOT
+from .utils import REPO_ROOT, atomic_write_json, cache_root
 
 DATASETS = ("iseg2019", "fets2021", "msd")
 ISEG_DIR = "iSeg-2019-Training"
@@ -359,3 +360,61 @@ def verify(name: str, root) -> str:
     labels = sorted(np.unique(vols["label"]).tolist())
     return (f"{name}: {len(ds.subjects)} subjects in {ds.folder}; first subject {ds.subjects[0]} has volumes "
             f"{sorted(vols)} of shape {shape}, label values {labels}{extra}")
+
+
+# ----------------------------------------------------------------------------- content signature
+
+def _file_sha1(path: Path, memo: dict) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in memo:
+        h = hashlib.sha1()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        memo[key] = h.hexdigest()
+    return memo[key]
+
+
+def dataset_files(ds) -> list:
+    """The files a dataset's runs read: every subject's files (an Analyze image with its header)
+    and the files at the top of the dataset's folder (FeTS's partition CSVs), sorted."""
+    files = set()
+    for s in ds.subjects:
+        for p in ds.files(s).values():
+            p = Path(p)
+            files.add(p)
+            for sib in (p.with_suffix(".hdr"), p.with_suffix(".img")) if p.suffix in (".hdr", ".img") else ():
+                if sib.exists():
+                    files.add(sib)
+    files.update(p for p in Path(ds.folder).iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(files)
+
+
+def content_signature(name: str, root, memo_dir=None) -> str:
+    """A hash of dataset ``name``'s content under ``root``: each file of ``dataset_files`` named
+    relative to the dataset's folder, with the SHA-1 of its bytes. The same data give the same
+    signature wherever they lie and whenever they were written (a phantom regenerated in a new
+    checkout, a copy on a cluster's scratch disk); a changed byte or an added subject changes it.
+    It names the data of a sweep's units and of a carried source model (``sources.py``).
+
+    Files are read once: their SHA-1s are kept in ``<memo_dir>/file_hashes.json`` (default
+    ``cache_root()``), keyed by path, size and modification time."""
+    memo_file = Path(memo_dir if memo_dir is not None else cache_root()) / "file_hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    n_before = len(memo)
+    ds = open_dataset(name, root)
+    folder = Path(ds.folder)
+    h = hashlib.sha1()
+    for p in dataset_files(ds):
+        h.update(f"{p.relative_to(folder).as_posix()}:{_file_sha1(p, memo)}\n".encode())
+    if len(memo) != n_before:
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(memo_file, memo)
+        except OSError:  # a read-only cache only costs the next look a re-read
+            pass
+    return h.hexdigest()[:16]

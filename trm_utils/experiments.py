@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from . import data as D
+from . import sources as S
 from .maps import transferability_maps
 from .train import evaluate, finetune, finetune_cell, train_source
 from .unet import UNet2D
@@ -44,7 +45,9 @@ PRESETS = {
         # Tumour sources: 3000 iterations with cross-entropy + soft Dice (``source_loss``): with
         # cross-entropy alone the 14-T2 source reached Dice 0.17 after 1500 iterations (NCR and ET at 0);
         # with the Dice term, 0.39 at 1500 (still rising) and 0.65 at 3000; 14-FLAIR 0.80 and 0.82.
-        "source_iterations": {"iseg2019": 500, "fets2021": 3000, "msd": 3000},
+        # Tumour sources: 12000, doubled twice by rule v2's source check (14-FLAIR still learning at 3000,
+        # 0.873 -> 0.894 at 6000 on an AMD EPYC, and at 6000, 0.868 -> 0.887 at 12000 on an Intel Xeon).
+        "source_iterations": {"iseg2019": 500, "fets2021": 12000, "msd": 12000},
         "source_lr": 2e-3,
         "source_lr_decay": {"iseg2019": 0.5, "fets2021": 0.5, "msd": 0.5},
         "source_loss": {"iseg2019": "ce", "fets2021": "ce_dice", "msd": "ce_dice"},
@@ -256,36 +259,55 @@ def new_unet(name: str, cfg: dict) -> UNet2D:
 
 
 def source_model_path(name, root, task, cfg, seed=0, cache_dir=None) -> Path:
-    """Where ``source_model`` caches the source U-Net for ``task``: the key covers the data, the
-    task, the architecture and the training settings, so a changed setting trains a new model."""
-    ds = D.open_dataset(name, root)
-    b = for_dataset(cfg, name)
-    key = json.dumps([name, task, ds.signature(ds.subjects), cfg["image_size"][name], cfg["base_channels"], cfg["depth"],
-                      int(b["source_iterations"]), b["source_lr"], cfg["batch_size"], seed, b.get("source_lr_decay"), 2,
-                      *([b["source_loss"]] if b.get("source_loss", "ce") != "ce" else []),
-                      *(["augment"] if b.get("source_augment") else [])])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    """Where ``source_model`` caches the source U-Net for ``task`` when it trains one: named by the
+    model's identity (``sources.source_identity``: the data by content, the task, the architecture
+    and the training settings), so a changed setting trains a new model."""
+    ident = S.source_identity(name, root, task, cfg, seed)
     cache_dir = resolve_path(cache_dir) if cache_dir is not None else cache_root() / "sources"
-    return Path(cache_dir) / f"{name}-{task}-{digest}.pt"
+    return Path(cache_dir) / f"{name}-{task}-{S.identity_hash(ident)}.pt"
 
 
-def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, show_progress=False):
-    """The source U-Net for ``task``: loaded from the cache when there, else trained and saved.
+def source_choice(name, root, task, cfg, seed=0, cache_dir=None, retrain: bool = False) -> tuple:
+    """``(path, status, reason)``: where the source for ``task`` comes from, before anything is loaded.
 
-    Returns ``(model, info)`` with ``info["status"]`` = ``"loaded"`` or ``"trained"`` and the
-    checkpoint path. The cache key covers the data, the task, the architecture and the
-    training settings, so a changed setting trains a new model.
+    ``status`` is ``"carried"`` (the committed model in ``results/sources/`` has exactly this
+    identity), ``"cached"`` (this checkout trained it before) or ``"train"``; ``reason`` is the one
+    line that says why (what differs from the carried model, or ``retrain_sources=True``). A damaged
+    carried file raises ``sources.CarriedSourceError`` rather than being skipped silently."""
+    ident = S.source_identity(name, root, task, cfg, seed)
+    if retrain:
+        why = "retrain_sources=True: the carried model is not used"
+    else:
+        carried, why = S.find_carried(ident)
+        if carried is not None:
+            return carried, "carried", why
+    path = source_model_path(name, root, task, cfg, seed, cache_dir)
+    return (path, "cached", f"{why}; trained before in this checkout ({path.name})") if path.exists() else \
+        (path, "train", why)
+
+
+def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, show_progress=False,
+                 retrain: bool = False):
+    """The source U-Net for ``task``: the carried one when its identity matches what would be
+    trained (``sources.py``), else the cache's, else trained here and cached.
+
+    Returns ``(model, info)``: ``info["status"]`` is ``"carried"``, ``"loaded"`` (from the cache) or
+    ``"trained"``, ``info["reason"]`` the one line that says why, ``info["path"]`` the file. With
+    ``retrain=True`` (the notebooks' ``retrain_sources``) the carried model is never used: the
+    source is trained here (or taken from this checkout's cache, where an earlier notebook of the
+    same run trained it).
     """
     b = for_dataset(cfg, name)
     its = int(b["source_iterations"])
-    path = source_model_path(name, root, task, cfg, seed, cache_dir)
+    path, status, reason = source_choice(name, root, task, cfg, seed, cache_dir, retrain)
     device = get_device(device)
     seed_everything(seed)
     model = new_unet(name, cfg)
-    if path.exists():
+    if status in ("carried", "cached"):
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["state_dict"])
-        hist, status = state["history"], "loaded"
+        hist, status = state["history"], ("carried" if status == "carried" else "loaded")
+        prov = state.get("provenance", {})
     else:
         train = load_task(name, root, task, "train", cfg)
         test = load_task(name, root, task, "test", cfg)
@@ -293,19 +315,22 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
                             show_progress=show_progress, eval_data=test,
                             eval_every=max(1, its // 20), lr_decay=b.get("source_lr_decay"),
                             loss=b.get("source_loss", "ce"), augment=bool(b.get("source_augment")))
-        atomic_torch_save({"state_dict": model.state_dict(), "history": hist}, path)
+        prov = S.provenance(device)
+        atomic_torch_save({"state_dict": model.state_dict(), "history": hist, "provenance": prov}, path)
         status = "trained"
+        reason = f"trained here in {hist.get('seconds', 0):.0f} s: {reason}"
     curve = [[e["iteration"], e["dice"]] for e in hist.get("eval", [])]
-    info = {"status": status, "path": str(path), "seconds": hist.get("seconds"), "curve": curve,
-            "run_status": run_status(curve) if curve else None}
+    info = {"status": status, "reason": reason, "path": str(path), "seconds": hist.get("seconds"), "curve": curve,
+            "run_status": run_status(curve) if curve else None, "provenance": prov,
+            "identity": S.identity_hash(S.source_identity(name, root, task, cfg, seed))}
     return model.to(device).eval(), info
 
 
 def _train_source_worker(args) -> str:
     """One source trained in a worker process with ``threads`` threads (``prepare_sources``)."""
-    name, root, task, cfg, seed, cache_dir, threads = args
+    name, root, task, cfg, seed, cache_dir, threads, retrain = args
     torch.set_num_threads(int(threads))
-    _, info = source_model(name, root, task, cfg, seed=seed, device="cpu", cache_dir=cache_dir)
+    _, info = source_model(name, root, task, cfg, seed=seed, device="cpu", cache_dir=cache_dir, retrain=retrain)
     return info["path"]
 
 
@@ -320,9 +345,10 @@ def cpu_workers(workers: Optional[int] = None) -> tuple:
 
 
 def prepare_sources(jobs, cfg: dict, seed: int = 0, device="auto", cache_dir=None, workers: Optional[int] = None,
-                    log=print) -> dict:
-    """Train the source models of ``jobs`` (``[(name, root, task), ...]``) that are not cached yet,
-    ``workers`` at a time, then load them all: ``{(name, task): (model, info)}``.
+                    log=print, retrain: bool = False) -> dict:
+    """Train the source models of ``jobs`` (``[(name, root, task), ...]``) that are neither carried
+    (``source_model``) nor cached yet, ``workers`` at a time, then load them all:
+    ``{(name, task): (model, info)}``; each source's one-line reason is logged.
 
     On the CPU, two small U-Nets trained side by side with one thread each do more work per
     second than one after another with both threads (the tutorial's networks are too small to
@@ -337,7 +363,7 @@ def prepare_sources(jobs, cfg: dict, seed: int = 0, device="auto", cache_dir=Non
     from multiprocessing import get_context
 
     device = get_device(device)
-    missing = [(n, r, t) for n, r, t in jobs if not source_model_path(n, r, t, cfg, seed, cache_dir).exists()]
+    missing = [(n, r, t) for n, r, t in jobs if source_choice(n, r, t, cfg, seed, cache_dir, retrain)[1] == "train"]
     workers, threads = cpu_workers(workers)  # from the configured workers, not from how many are missing
     if device.type == "cpu" and int(workers) > 1 and missing:
         workers = min(int(workers), len(missing))
@@ -345,20 +371,28 @@ def prepare_sources(jobs, cfg: dict, seed: int = 0, device="auto", cache_dir=Non
             log(f"training {len(missing)} source models, {workers} at a time with {threads} thread(s) each: "
                 + ", ".join(t for _, _, t in missing))
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            list(pool.map(_train_source_worker, [(n, r, t, cfg, seed, cache_dir, threads) for n, r, t in missing]))
+            list(pool.map(_train_source_worker,
+                          [(n, r, t, cfg, seed, cache_dir, threads, retrain) for n, r, t in missing]))
     out = {}
     for n, r, t in jobs:
-        model, info = source_model(n, r, t, cfg, seed=seed, device=device, cache_dir=cache_dir)
+        model, info = source_model(n, r, t, cfg, seed=seed, device=device, cache_dir=cache_dir, retrain=retrain)
         if (n, r, t) in missing and info["status"] == "loaded":
             info["status"] = f"trained in a worker ({threads} thread{'s' if threads > 1 else ''})"
+            info["reason"] = f"trained here in {info['seconds'] or 0:.0f} s: " + info["reason"].split("; trained before")[0]
+        if log:
+            log(f"source {n} {t}: {info['reason']}")
         out[(n, t)] = (model, info)
     return out
 
 
 def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods: Iterable[str], seeds: Iterable[int],
              cfg: dict, device="auto", out_csv=None, show_progress=False, max_slices=None, cache_dir=None,
-             log=print, engine: str = "batched", keep_models: Optional[dict] = None) -> pd.DataFrame:
+             log=print, engine: str = "batched", keep_models: Optional[dict] = None,
+             retrain_sources: bool = False) -> pd.DataFrame:
     """Fine-tune every source on every other target with every method and seed.
+
+    The sources are the carried ones where their identity matches (``source_model``;
+    ``retrain_sources=True``: trained here, or this checkout's cached ones).
 
     A cell (source, target) fine-tunes all its methods x seeds at once with ``finetune_cell``
     (``engine="batched"``, the default) or one run after another with ``finetune``
@@ -368,7 +402,8 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     were labelled; the runs of one seed then form one batch, and the preset's ``fewshot`` keys
     (its own budget) replace the grid's.
 
-    One row per run: dataset, source, target, method, seed, subset_seed, dice (mean foreground
+    One row per run: dataset, source, target, method, seed, subset_seed, source_origin and
+    source_identity (carried / loaded / trained, and the model's identity hash: ``sources.py``), dice (mean foreground
     Dice on the target's held-out test subjects), dice_per_class, pixel_leep (the source's score
     on the target training set, eq. 3), map_leep (the same pixels scored with each patch's own
     P(y|z): the dataset-level map's global score), curve (held-out Dice every ``eval_every`` iterations, recorded
@@ -396,7 +431,7 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
 
     readings = tuple(dict.fromkeys(o.get("reading", "dataset") for n, o in parsed.values() if get_method(n).needs_map))
     patch = int(cfg.get("map_patch", 1))
-    rows = []
+    rows, told = [], set()
     for target in targets:
         test = load_task(name, root, target, "test", cfg)
         # (subset seed, seeds trained on it): one subset for all seeds, or one per seed (few-shot)
@@ -405,7 +440,11 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
         for source in sources:
             if source == target:
                 continue
-            src, _ = source_model(name, root, source, cfg, device=device, cache_dir=cache_dir, show_progress=show_progress)
+            src, src_info = source_model(name, root, source, cfg, device=device, cache_dir=cache_dir,
+                                         show_progress=show_progress, retrain=retrain_sources)
+            if log and source not in told:  # which model, and why: once per source
+                told.add(source)
+                log(f"source {source}: {src_info['status']}: {src_info['reason']}")
             before = evaluate(src, test, device=device)["dice"]
             for subset_seed, group_seeds in groups:
                 train = trains[subset_seed]
@@ -428,6 +467,7 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
                         "iterations": cfg["iterations"], "final_loss": hist["loss"][-1] if hist["loss"] else float("nan"),
                         "curve": json.dumps([[e["iteration"], e["dice"]] for e in hist["eval"]]),
                         "seconds": hist["seconds"], "engine": engine,
+                        "source_origin": src_info["status"], "source_identity": src_info["identity"],
                     })
             if log:
                 cell = pd.DataFrame(rows)

@@ -28,7 +28,18 @@ class Context:
     seeds: list
     show_progress: bool
     preset: str
+    retrain_sources: bool = False
     saved: list = field(default_factory=list)
+
+    def source(self, name: str, root, task: str, cache_dir=None, quiet: bool = False):
+        """The source U-Net for ``task`` (``experiments.source_model``): the carried one where its
+        identity matches, else trained here (always, with ``retrain_sources=True``); prints the one
+        line that says which and why. Returns ``(model, info)``."""
+        model, info = E.source_model(name, root, task, self.cfg, device=self.device, cache_dir=cache_dir,
+                                     show_progress=self.show_progress, retrain=self.retrain_sources)
+        if not quiet:
+            print(f"source {task}: {info['status']}: {info['reason']}")
+        return model, info
 
     def families(self, tissue_sources=None, tissue_targets=None, tumour_sources=None, tumour_targets=None,
                  all_targets: bool = False) -> dict:
@@ -60,10 +71,12 @@ class Context:
 
 
 def setup(dataset="phantom", data_dir="data", output_dir="runs/notebook", preset="tutorial", seeds=(0,),
-          device="auto", iterations=None, show_progress=True, seed=0, need_data=True, **overrides) -> Context:
+          device="auto", iterations=None, show_progress=True, seed=0, need_data=True, retrain_sources=False,
+          **overrides) -> Context:
     """Check the parameters, seed everything, make (or find) the data, create ``output_dir``.
 
-    ``need_data=False`` skips the data (notebook 01 makes its own toy problem)."""
+    ``need_data=False`` skips the data (notebook 01 makes its own toy problem). ``retrain_sources``:
+    train the source models here instead of loading the carried ones (``Context.source``)."""
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed, e.g. seeds = [0]")
     cfg = E.get_preset(preset, iterations=iterations, **overrides)
@@ -81,4 +94,7 @@ def setup(dataset="phantom", data_dir="data", output_dir="runs/notebook", preset
     for fam, (name, root) in data.items():
         print(f"{fam} data: {name} under {root}")
     print(f"outputs: {out}")
-    return Context(cfg, dev, out, data, [int(s) for s in seeds], bool(show_progress), preset)
+    if retrain_sources:
+        print("retrain_sources=True: the source models are trained here (or taken from this checkout's cache), "
+              "not loaded from results/sources/")
+    return Context(cfg, dev, out, data, [int(s) for s in seeds], bool(show_progress), preset, bool(retrain_sources))

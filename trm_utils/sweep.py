@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import experiments as E
+from .datasets import content_signature
 from .utils import REPO_ROOT, atomic_write_json, machine_info, resolve_path
 
 STUDIES = ("table1", "table2", "table3", "ablations")
@@ -235,65 +236,11 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def _file_sha1(path: Path, memo: dict) -> str:
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    if key not in memo:
-        h = hashlib.sha1()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        memo[key] = h.hexdigest()
-    return memo[key]
-
-
-def dataset_files(ds) -> list:
-    """The files a dataset's units read: every subject's files (an Analyze image with its header)
-    and the files at the top of the dataset's folder (FeTS's partition CSVs), sorted."""
-    files = set()
-    for s in ds.subjects:
-        for p in ds.files(s).values():
-            p = Path(p)
-            files.add(p)
-            for sib in (p.with_suffix(".hdr"), p.with_suffix(".img")) if p.suffix in (".hdr", ".img") else ():
-                if sib.exists():
-                    files.add(sib)
-    files.update(p for p in Path(ds.folder).iterdir() if p.is_file() and not p.name.startswith("."))
-    return sorted(files)
-
-
 def data_signature(fams: dict, memo_dir=None) -> dict:
-    """Dataset name -> a hash of its content: each file of ``dataset_files`` named relative to
-    the dataset's folder, with the SHA-1 of its bytes. The same data give the same signature
-    wherever they lie and whenever they were written (a phantom regenerated in a new checkout, a
-    copy on a cluster's scratch disk); a changed byte or an added subject changes it.
-
-    Files are read once: their SHA-1s are kept in ``<memo_dir>/file_hashes.json`` (default
-    ``cache_root()``), keyed by path, size and modification time."""
-    from . import data as D
-    from .utils import cache_root
-
-    memo_file = Path(memo_dir if memo_dir is not None else cache_root()) / "file_hashes.json"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    n_before = len(memo)
-    out = {}
-    for fam, (name, root) in fams.items():
-        ds = D.open_dataset(name, root)
-        folder = Path(ds.folder)
-        h = hashlib.sha1()
-        for p in dataset_files(ds):
-            h.update(f"{p.relative_to(folder).as_posix()}:{_file_sha1(p, memo)}\n".encode())
-        out[name] = h.hexdigest()[:16]
-    if len(memo) != n_before:
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(memo_file, memo)
-        except OSError:  # a read-only cache only costs the next plan a re-read
-            pass
-    return out
+    """Dataset name -> a hash of its content (``datasets.content_signature``): the same data give
+    the same signature wherever they lie and whenever they were written; a changed byte or an added
+    subject changes it. File hashes are memoised in ``<memo_dir>/file_hashes.json``."""
+    return {name: content_signature(name, root, memo_dir) for name, root in fams.values()}
 
 
 def unit_hash(unit: Unit, cfg: dict, signature: dict, code: str) -> str:
@@ -563,8 +510,9 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto",
 
 
 def _source_cached(u: Unit, fams: dict, cfg: dict, cache_dir) -> bool:
+    """Whether the unit's source needs no training: carried with the repository or cached."""
     root = fams[u.family][1]
-    return E.source_model_path(u.name, root, u.source, cfg, cache_dir=cache_dir).exists()
+    return E.source_choice(u.name, root, u.source, cfg, cache_dir=cache_dir)[1] != "train"
 
 
 def export(out, dest) -> int:
