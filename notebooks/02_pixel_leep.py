@@ -24,7 +24,7 @@
 #
 # **Compute budget** (tutorial preset, phantom): about a minute on 2 CPU cores (the phantom is written the first
 # time; the 4 source U-Nets are loaded from `results/sources/`). With `retrain_sources=True` they are trained
-# here, two at a time: the tissue ones in about a minute, the tumour ones (6000 iterations) in about 15 minutes.
+# here, two at a time: the tissue ones in about a minute, the tumour ones (12000 iterations) in about 16 minutes.
 
 # %% [markdown]
 # ## 0. Setup

@@ -42,20 +42,18 @@ PRESETS = {
         # the verdicts are in results/calibration/ and printed by notebooks 04 and 05). Tissue sources:
         # 500 iterations, the learning rate decaying over the last half: accepted (WM-T2 0.816 -> 0.811 at
         # 1000, WM-T1 0.811 -> 0.806); 1000 was not (held-out Dice 0.81 -> 0.795 at 2000: overfitting).
-        # Tumour sources: 3000 iterations with cross-entropy + soft Dice (``source_loss``): with
-        # cross-entropy alone the 14-T2 source reached Dice 0.17 after 1500 iterations (NCR and ET at 0);
-        # with the Dice term, 0.39 at 1500 (still rising) and 0.65 at 3000; 14-FLAIR 0.80 and 0.82.
-        # Tumour sources: 12000, doubled twice by rule v2's source check (14-FLAIR still learning at 3000,
-        # 0.873 -> 0.894 at 6000 on an AMD EPYC, and at 6000, 0.868 -> 0.887 at 12000 on an Intel Xeon).
+        # Tumour sources learn with cross-entropy + soft Dice (``source_loss``): with cross-entropy alone the
+        # 14-T2 source reached Dice 0.17 after 1500 iterations (NCR and ET at 0). Budget: 12000, doubled by
+        # rule v2's source check (14-FLAIR still learning at 3000 and 6000: +0.020, +0.0185; 12000 vs 24000
+        # accepted: -0.005, +0.0099). The sources are carried (results/sources/), so the main job never pays
+        # for pre-training.
         "source_iterations": {"iseg2019": 500, "fets2021": 12000, "msd": 12000},
         "source_lr": 2e-3,
         "source_lr_decay": {"iseg2019": 0.5, "fets2021": 0.5, "msd": 0.5},
         "source_loss": {"iseg2019": "ce", "fets2021": "ce_dice", "msd": "ce_dice"},
         # Tumour sources train on randomly flipped and intensity-jittered batches (``train.augment_batch``):
         # without it 14-T2 peaked at 0.71 and fell to 0.65 by 3000 iterations (0.57 by 6000): overfitting;
-        # with it, 0.779 at 3000 and 0.769 at 6000, 14-FLAIR 0.873 and 0.894. The source budget check does
-        # not accept 3000 (changes -0.0104 and +0.020; results/calibration/tumour_sources_budget_check.csv);
-        # 6000 would add about 6 minutes to the main job's 20.
+        # with it, 0.779 at 3000 and 0.769 at 6000 (14-FLAIR 0.873 and 0.894).
         "source_augment": {"iseg2019": False, "fets2021": True, "msd": True},
         # Fine-tuning: lr 1e-3 with a linear decay over the second half of the run (the remedy for a
         # noisy end; never a checkpoint picked by its held-out Dice). The paper's lr 1e-4 needs its 5000
