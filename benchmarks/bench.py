@@ -18,7 +18,7 @@ Every figure is the median of several repetitions after a warm-up, with its spre
   tuned by ``finetune_cell`` >= 3x faster than the per-run ``finetune`` loop
   (``cell_speedup_vs_per_run``; the aim, never reached on 2 CPU cores: the floor is 1x, never
   slower); the same ratio for the paper's U-Net over a few iterations (>= 1x; the runs grouped as
-  ``batched.plan_group_size`` decides),
+  ``memory.plan_group_size`` decides),
   and the achieved convolution throughput (GFLOP/s) beside a dense matrix product's, this
   machine's practical peak, are reported.
 
@@ -53,8 +53,7 @@ import copy  # noqa: E402
 from trm_utils import PatchLEEP, PixelLEEP, UNet2D, finetune, freeze_encoder, method_loss, transferability_maps  # noqa: E402
 from trm_utils.losses import class_weights  # noqa: E402
 from trm_utils.maps import LossMaps  # noqa: E402
-from trm_utils.batched import EncoderCache, decode, encode, use_channels_last  # noqa: E402
-from trm_utils.train import bf16_native, finetune_cell  # noqa: E402
+from trm_utils.batched import EncoderCache, bf16_native, decode, encode, finetune_cell, use_channels_last  # noqa: E402
 from trm_utils.experiments import PRESETS  # noqa: E402
 from trm_utils.utils import atomic_write_json, get_device  # noqa: E402
 
@@ -544,7 +543,7 @@ def main(argv=None) -> int:
               f"(4 runs, a few iterations): precision='auto' keeps float32")
     line(f"paper U-Net cell ({cp['runs']} runs, {cp['image_size']}px)", f"{res['cell_speedup_vs_per_run_paper']:.2f}x",
          ">= 1x", res["cell_speedup_vs_per_run_paper"] >= 1)
-    print(f"  groups of {cp['group_size']} run(s) (tutorial: {c['group_size']}; batched.plan_group_size's rule); "
+    print(f"  groups of {cp['group_size']} run(s) (tutorial: {c['group_size']}; memory.plan_group_size's rule); "
           f"channels-last {cp['channels_last']} (tutorial: {c['channels_last']}; batched.use_channels_last's rule)")
     k = res["compile"]
     if "error" in k:

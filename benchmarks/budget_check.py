@@ -26,7 +26,7 @@ Writes, under ``--out`` (default ``results/calibration``):
   the same for the source check.
 
 ``--carry`` commits the sources trained at T_s to ``results/sources/`` once the source check
-accepts T_s (``trm_utils.budget.carry_sources``; ``trm_utils.sources`` says what a carried source is).
+accepts T_s (``trm_utils.checks.carry_sources``; ``trm_utils.sources`` says what a carried source is).
 
 ``--budget T`` checks a candidate budget (a whole multiple of the preset's) against 2T and writes
 ``<family>_T<budget>_budget_check.*`` beside the preset's own check, which notebooks 04 and 05 keep
@@ -56,6 +56,9 @@ import torch  # noqa: E402
 
 from trm_utils import budget as B  # noqa: E402
 from trm_utils import experiments as E  # noqa: E402
+from trm_utils import checks as C  # noqa: E402
+from trm_utils import tables as TB  # noqa: E402
+from trm_utils import presets as P  # noqa: E402
 from trm_utils.utils import atomic_write_json, machine_info  # noqa: E402
 
 
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
                          "<family>[_T<budget>]_lr<lr>_*")
     ap.add_argument("--carry", action="store_true",
                     help="after the source check, commit the sources trained at T_s to results/sources/ (only when "
-                         "the check accepts T_s; trm_utils.budget.carry_sources)")
+                         "the check accepts T_s; trm_utils.checks.carry_sources)")
     ap.add_argument("--reuse-t", default=None, metavar="RUNS_CSV",
                     help="take this check's T runs from an earlier check's runs file whose 2T is this T (a doubling "
                          "series trains each budget once; same sources and settings, else an error)")
@@ -119,11 +122,11 @@ def main(argv=None) -> int:
             "lr": cfg["lr"], "methods": methods,
             "cpu": machine_info()["cpu"]}
     name, sources, _ = B.family_tasks(a.family, a.preset)
-    root = B.family_root(a.family, a.preset, a.data_dir)
+    root = C.family_root(a.family, a.preset, a.data_dir)
     if not a.skip_sources:
         ts = time.perf_counter()
-        src = B.check_sources(a.family, a.preset, a.data_dir, factor=a.factor, log=print)
-        E.write_csv(src, out / f"{stem}_sources_budget_check.csv")
+        src = C.check_sources(a.family, a.preset, a.data_dir, factor=a.factor, log=print)
+        TB.write_csv(src, out / f"{stem}_sources_budget_check.csv")
         smeta = {**meta, "seconds": round(time.perf_counter() - ts, 1), "accepted": bool(src.ok.all()),
                  "source_iterations": int(src.iterations_T.iloc[0])}
         for k in ("budget", "lr", "methods", "seeds"):  # the fine-tuning grid's settings: not this check's
@@ -132,26 +135,26 @@ def main(argv=None) -> int:
         print(src.round(4).to_string(index=False))
     if a.carry:
         try:
-            carried = B.carry_sources(a.family, a.preset, a.data_dir, check_folder=out)
+            carried = C.carry_sources(a.family, a.preset, a.data_dir, check_folder=out)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         print(f"carried: {', '.join(str(p) for p in carried)}")
     if not a.skip_grid:
         # which model each source was: the carried one (its identity matched) or one trained in this checkout
-        meta["sources_used"] = {s: E.source_choice(name, root, s, E.get_preset(a.preset))[2] for s in sources}
+        meta["sources_used"] = {s: E.source_choice(name, root, s, P.get_preset(a.preset))[2] for s in sources}
         tg = time.perf_counter()
         reuse = pd.read_csv(a.reuse_t) if a.reuse_t else None
         try:
-            table, runs = B.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print,
+            table, runs = C.check_grid(a.family, a.preset, a.data_dir, seeds, factor=a.factor, log=print,
                                        workers=a.workers, budget=a.budget, lr=a.lr, methods=methods, reuse_t=reuse)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if a.reuse_t:
             meta["reused_t_from"] = str(a.reuse_t)
-        E.write_csv(table, out / f"{stem}_budget_check.csv")
-        E.write_csv(runs, out / f"{stem}_budget_runs.csv")
+        TB.write_csv(table, out / f"{stem}_budget_check.csv")
+        TB.write_csv(runs, out / f"{stem}_budget_runs.csv")
         meta["grid_seconds"] = round(time.perf_counter() - tg, 1)
         meta["grid_accepted"] = bool(table.accepted.iloc[0])  # always False for a partial check
         if partial:

@@ -1,5 +1,5 @@
 """Held-out curves of one small grid at a chosen budget, with each run's status (flat / overfit /
-rising, ``trm_utils.experiments.run_status``): a free-form look at a budget before the budget check
+rising, ``trm_utils.budget.run_status``): a free-form look at a budget before the budget check
 (``benchmarks/budget_check.py``, the gate) is run on it.
 
     python benchmarks/budget_curves.py tumour 14-FLAIR,14-T2 18-FLAIR --iterations 1200 --lr-decay 0.67 --eval-every 50
@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trm_utils import experiments as E  # noqa: E402
+from trm_utils import budget as B  # noqa: E402
+from trm_utils import tables as TB  # noqa: E402
+from trm_utils import presets as P  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,14 +37,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-decay", type=float, default=0.5)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--source-iterations", type=int, default=None)
-    ap.add_argument("--methods", default=",".join(E.CORE_METHODS))
+    ap.add_argument("--methods", default=",".join(P.CORE_METHODS))
     ap.add_argument("--sizes", default="", help="few-shot sizes, comma-separated (default: every training slice)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--out", default=str(REPO / "runs" / "budget"))
     a = ap.parse_args(argv)
     name, root = E.resolve_datasets("phantom", a.data_dir, "tutorial")[a.family]
-    cfg = E.for_dataset(E.get_preset("tutorial"), name)
+    cfg = P.for_dataset(P.get_preset("tutorial"), name)
     cfg.update(iterations=a.iterations, lr_decay=a.lr_decay, eval_every=a.eval_every)
     if a.source_iterations:
         cfg["source_iterations"] = a.source_iterations
@@ -52,9 +55,9 @@ def main(argv=None) -> int:
         df = E.run_grid(name, root, a.sources.split(","), a.targets.split(","), a.methods.split(","),
                         [int(s) for s in a.seeds.split(",")], cfg, max_slices=n, log=None)
         tag = f"{a.family}_{a.targets.replace(',', '-')}_{a.iterations}it_decay{a.lr_decay}" + (f"_{n}slices" if n else "")
-        E.write_csv(df, out / f"{tag}.csv")
-        st = E.status_table(df)
-        print(f"{tag}: {time.perf_counter() - t0:.0f} s; run status: {E.status_line(E.status_counts(st))}")
+        TB.write_csv(df, out / f"{tag}.csv")
+        st = B.status_table(df)
+        print(f"{tag}: {time.perf_counter() - t0:.0f} s; run status: {B.status_line(B.status_counts(st))}")
         if (st.status == "rising").any():
             print(st[st.status == "rising"].round(3).to_string(index=False))
         print(df.groupby(["source", "method"]).dice.agg(["mean", "std"]).unstack("method").round(4).to_string())

@@ -4,7 +4,7 @@ the gap between same-modality and cross-modality sources (the negative transfer 
     python benchmarks/calibrate_phantom.py [--preset tutorial] [--seeds 0 1 2] [--iterations 1000]
 
 Fine-tunes long enough for the held-out curves to flatten (lr 1e-3, 1000 iterations by default,
-each run's status from ``experiments.run_status``), so the Dice it reports are where
+each run's status from ``budget.run_status``), so the Dice it reports are where
 the runs end, not how fast they learn. Prints one line per (source, target) and a verdict per
 family; writes runs/calibration/calibration_<families>.csv and .json. About 20 minutes on 2 CPU cores.
 """
@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trm_utils import experiments as E  # noqa: E402
+from trm_utils import budget as B  # noqa: E402
+from trm_utils import presets as P  # noqa: E402
 from trm_utils.utils import atomic_write_json  # noqa: E402
 
 #: target -> (same-modality source, cross-modality source); same task family, so modality is the difference
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--out", default=str(REPO / "runs" / "calibration"))
     args = ap.parse_args(argv)
-    cfg = E.get_preset(args.preset, iterations=args.iterations, lr=args.lr, eval_every=args.eval_every)
+    cfg = P.get_preset(args.preset, iterations=args.iterations, lr=args.lr, eval_every=args.eval_every)
     cfg["lr_decay"] = args.lr_decay
     sets = E.resolve_datasets("phantom", args.data_dir, args.preset)
     t0 = time.perf_counter()
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
         for target, (same, cross) in pairs.items():
             df = E.run_grid(name, root, [same, cross], [target], args.methods, args.seeds, cfg, log=None)
             df["modality"] = ["same" if s == same else "cross" for s in df.source]
-            st = E.status_table(df)
+            st = B.status_table(df)
             df["status"], df["rise"], df["drop"] = st.status.values, st.rise.values, st["drop"].values
             frames.append(df)
             for r in df.itertuples():

@@ -11,7 +11,7 @@ Writes one JSON (default ``runs/bench/gpu_check.json``) and prints a summary:
    per batch as at the paper's scale; seconds per iteration per run (median of the timed
    iterations after a warm-up), the peak memory measured (CUDA: ``max_memory_allocated`` less what
    was allocated before; on a CPU ``benchmarks/memory_model.py`` measures it) and the memory model's prediction
-   (``batched.cell_memory``), and the automatic group size for this device's free memory.
+   (``memory.cell_memory``), and the automatic group size for this device's free memory.
 2. **One FeTS cell, both engines, both precisions**: a source pre-trained on the phantom's 14-FLAIR
    task, then ``vanilla`` and ``trm`` (seeds 0, 1, 2) fine-tuned on 18-FLAIR for ``--iterations`` by
    the batched engine (``finetune_cell``, automatic groups) and, for seed 0, by the per-run loop
@@ -38,9 +38,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from trm_utils import batched as B  # noqa: E402
+from trm_utils import memory as MEM  # noqa: E402
 from trm_utils import experiments as E  # noqa: E402
-from trm_utils.train import finetune, finetune_cell, train_source  # noqa: E402
+from trm_utils import presets as P  # noqa: E402
+from trm_utils.batched import finetune_cell  # noqa: E402
+from trm_utils.train import finetune, train_source  # noqa: E402
 from trm_utils.unet import UNet2D  # noqa: E402
 from trm_utils.utils import atomic_write_json, get_device, seed_everything  # noqa: E402
 
@@ -59,10 +61,10 @@ def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4, channe
     y = torch.randint(0, classes, (n_slices, c["size"], c["size"]), generator=g)
     torch.manual_seed(0)
     src = UNet2D(1, classes, c["base"], c["depth"]).to(dev)
-    mem = lambda k: B.cell_memory(src, c["size"], c["size"], c["batch"], k, 0, classes)  # noqa: E731
-    budget = B.memory_budget(dev)
+    mem = lambda k: MEM.cell_memory(src, c["size"], c["size"], c["batch"], k, 0, classes)  # noqa: E731
+    budget = MEM.memory_budget(dev)
     n = c["cell_runs"] if group == "auto" else int(group)  # auto: as many of a FeTS cell's runs as fit
-    k = B.plan_group_size(n, mem, budget, dev, group)
+    k = MEM.plan_group_size(n, mem, budget, dev, group)
     runs = [("vanilla", s) for s in range(k)]
     kw = dict(lr=1e-4, batch_size=c["batch"], device=dev, show_progress=False, cache_budget_mb=0, group_size=k,
               channels_last=channels_last)
@@ -85,7 +87,7 @@ def step_times(c: dict, dev, group, n_slices: int = 64, classes: int = 4, channe
 
 def fets_cell(c: dict, dev, data_dir) -> dict:
     """A source on 14-FLAIR, then vanilla and trm on 18-FLAIR by both engines."""
-    cfg = E.get_preset(c["preset"])
+    cfg = P.get_preset(c["preset"])
     cfg["image_size"] = {k: c["size"] for k in cfg["image_size"]}
     cfg["base_channels"], cfg["depth"], cfg["batch_size"] = c["base"], c["depth"], c["batch"]
     root = E.resolve_datasets("phantom", data_dir, c["phantom"])["tumour"][1]
@@ -190,11 +192,11 @@ def main(argv=None) -> int:
     if auto:
         est["seconds_per_5000_iterations_per_run"] = 5000 * auto["seconds_per_iteration_per_run"]
     net = UNet2D(1, 4, c["base"], c["depth"])
-    mem = lambda k: B.cell_memory(net, c["size"], c["size"], c["batch"], k, 0, 4, 1700)  # noqa: E731
+    mem = lambda k: MEM.cell_memory(net, c["size"], c["size"], c["batch"], k, 0, 4, 1700)  # noqa: E731
     for gb in (15, 80):  # the memory model on a GPU of that size (free memory = 0.97 x the nominal size)
-        budget = int(0.9 * 0.97 * gb * 2**30 - B.CUDA_MARGIN_MB * 2**20)
+        budget = int(0.9 * 0.97 * gb * 2**30 - MEM.CUDA_MARGIN_MB * 2**20)
         try:
-            est[f"runs_per_group_{gb}gb"] = B.plan_group_size(15, mem, budget, torch.device("cuda"))
+            est[f"runs_per_group_{gb}gb"] = MEM.plan_group_size(15, mem, budget, torch.device("cuda"))
         except MemoryError:
             est[f"runs_per_group_{gb}gb"] = 0
     res["estimates"] = est

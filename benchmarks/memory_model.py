@@ -6,7 +6,7 @@ For each preset's U-Net and image size and each group size, one subprocess build
 and random slices, resets its peak memory (CPU: the peak resident size ``VmHWM``, reset through
 ``/proc/self/clear_refs``, with every allocation past 128 kB its own mapping; CUDA: the peak
 allocated memory), fine-tunes one cell of ``group`` runs for 2 iterations with a held-out pass,
-and reports the growth of the peak; ``batched.cell_memory`` predicts it. The ratio
+and reports the growth of the peak; ``memory.cell_memory`` predicts it. The ratio
 measured / predicted is printed per configuration (the target: within 20 %).
 ``tests/test_batched.py`` runs both presets at group sizes 1 and 4 (tutorial) or 2 (paper).
 
@@ -63,8 +63,8 @@ def _peak_rss() -> int:
 def _child(preset: str, group: int, batch: int, device: str, classes: int = 4) -> dict:
     import torch
 
-    from trm_utils import batched as B
-    from trm_utils.train import finetune_cell
+    from trm_utils import memory as MEM
+    from trm_utils.batched import finetune_cell
     from trm_utils.unet import UNet2D
     from trm_utils.utils import get_device
 
@@ -85,8 +85,8 @@ def _child(preset: str, group: int, batch: int, device: str, classes: int = 4) -
     runs = [("vanilla", s) for s in range(group)]
     kw = dict(iterations=2, lr=1e-3, batch_size=batch, eval_data=(ex, ey), eval_every=2, show_progress=False,
               cache_budget_mb=c["cache_mb"], group_size=group, device=dev, memory_budget_mb=10**7)
-    cached = B.cache_fits(src, c["n_train"] + c["n_eval"], c["size"], c["size"], c["cache_mb"])
-    pred = B.cell_memory(src, c["size"], c["size"], batch, group, (c["n_train"] + c["n_eval"]) if cached else 0,
+    cached = MEM.cache_fits(src, c["n_train"] + c["n_eval"], c["size"], c["size"], c["cache_mb"])
+    pred = MEM.cell_memory(src, c["size"], c["size"], batch, group, (c["n_train"] + c["n_eval"]) if cached else 0,
                          classes, c["n_eval"])
     if dev.type == "cuda":
         torch.cuda.synchronize()

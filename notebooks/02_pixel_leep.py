@@ -54,9 +54,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trm_utils import PixelLEEP, evaluate, leep, pixel_leep, transferability, transferability_maps
+from trm_utils import PixelLEEP, evaluate, leep, pixel_leep, transferability_maps
 from trm_utils import budget as B
 from trm_utils import experiments as E
+from trm_utils import presets as P
 from trm_utils import viz
 from trm_utils.notebook import setup
 
@@ -169,7 +170,7 @@ for fam, (name, root, src_tasks, _) in families.items():
         st = info["run_status"] or {}
         prov = info.get("provenance") or {}
         rows.append({"family": fam, "source": task, "origin": info["status"],
-                     "iterations": E.source_iterations(ctx.cfg, name), "train_seconds": info["seconds"],
+                     "iterations": P.source_iterations(ctx.cfg, name), "train_seconds": info["seconds"],
                      "trained_on": prov.get("cpu"), "commit": prov.get("commit"), "own_task_dice": own,
                      "status": st.get("status"), "curve": info["curve"]})
 source_table = pd.DataFrame(rows)
@@ -213,7 +214,7 @@ for fam, (name, root, src_tasks, tgt_tasks) in families.items():
     for target in tgt_tasks:
         train = E.load_task(name, root, target, "train", ctx.cfg)
         for task in src_tasks:
-            tr = transferability(sources[(fam, task)], train, device=ctx.device)
+            tr = transferability_maps(sources[(fam, task)], train, readings=("image",), device=ctx.device)
             score_rows.append({"family": fam, "dataset": name, "source": task, "target": target, "pixel_leep": tr["score"]})
 scores = pd.DataFrame(score_rows)
 ctx.save_table(scores, "pixel_leep_scores")
@@ -252,7 +253,7 @@ for fam, g in scores.groupby("family"):
 # %%
 pair_maps, map_scores = {}, []
 for fam, (name, root, src_tasks, _) in families.items():
-    _, grid_targets = E.grid_tasks(name, preset)
+    _, grid_targets = P.grid_tasks(name, preset)
     for target in grid_targets:
         train = E.load_task(name, root, target, "train", ctx.cfg)
         i = int(torch.argmax(train.labels.flatten(1).sum(1)))  # the slice with the most label

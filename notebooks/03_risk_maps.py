@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 
 from trm_utils import hardness, risk_map, transferability_maps, variance_explained
-from trm_utils.train import predict_probs
+from trm_utils.predict import predict_probs
 from trm_utils import experiments as E
 from trm_utils import viz
 from trm_utils.notebook import setup

@@ -65,6 +65,8 @@ import torch
 from trm_utils import METHODS, finetune, finetune_cell, method_loss, risk_map, transferability_maps
 from trm_utils import budget as B
 from trm_utils import experiments as E
+from trm_utils import tables as TB
+from trm_utils import presets as P
 from trm_utils import report as R
 from trm_utils import viz
 from trm_utils.notebook import setup
@@ -217,17 +219,17 @@ for fam, (name, root, src, tgt) in families.items():
 statuses = {}
 for fam, df in grids.items():
     print(B.verdict_text(fam, preset=preset))
-    st = E.status_table(df)
-    statuses[fam] = E.status_counts(st)
+    st = B.status_table(df)
+    statuses[fam] = B.status_counts(st)
     ctx.save_table(st, f"status_{fam}")
-    print(f"{fam}: run status, per method: " + E.status_line(statuses[fam]))
+    print(f"{fam}: run status, per method: " + B.status_line(statuses[fam]))
     rising = st[st.status == "rising"]
     if len(rising):
         print(f"  still rising ({len(rising)} runs): the table below compares them before they finished")
         display(rising.round(3))  # noqa: F821
-    stuck = E.stuck_runs(df)
-    print(f"  runs ending below Dice {E.BELOW}: {len(stuck)}" + (f"\n{stuck.to_string(index=False)}" if len(stuck) else ""))
-    fig = viz.cell_curves(E.curves_frame(df), title=f"{fam}: held-out Dice per cell (band: min-max over seeds {ctx.seeds})",
+    stuck = B.stuck_runs(df)
+    print(f"  runs ending below Dice {B.BELOW}: {len(stuck)}" + (f"\n{stuck.to_string(index=False)}" if len(stuck) else ""))
+    fig = viz.cell_curves(TB.curves_frame(df), title=f"{fam}: held-out Dice per cell (band: min-max over seeds {ctx.seeds})",
                           mark=early_iteration)
     ctx.save_fig(fig, f"cell_curves_{fam}")
     plt.show()
@@ -256,7 +258,7 @@ for fam, df in grids.items():
 # %%
 summaries = {}
 for fam, df in grids.items():
-    summaries[fam] = E.summarize(df)
+    summaries[fam] = TB.summarize(df)
     ctx.save_table(summaries[fam], f"summary_{fam}", index=True)
     print(f"{fam} ({df.dataset.iloc[0]}):")
     display(summaries[fam].round(4))  # noqa: F821
@@ -271,10 +273,10 @@ for fam, df in grids.items():
 paper_name = {"iseg2019": "iseg2019", "fets2021": "fets2021", "msd": "fets2021"}
 # the paper's "ours" is TRM; both our readings of its map stand beside it
 method_of_paper = [("vanilla", "vanilla"), ("class weight", "class_weight"), ("Trs map", "trs_map"), ("ours", "trm"),
-                   ("ours", E.IMAGE_READING)]
+                   ("ours", P.IMAGE_READING)]
 side = []
 for fam, df in grids.items():
-    p = E.paper_gains(paper_name[df.dataset.iloc[0]])
+    p = TB.paper_gains(paper_name[df.dataset.iloc[0]])
     for pm, ours in method_of_paper:
         if ours in summaries[fam].index:
             side.append({"family": fam, "method": ours, "paper_dice": p.loc[pm, "dice_mean"], "paper_gain_pct": p.loc[pm, "gain_pct"],
@@ -290,7 +292,7 @@ side.round(3)
 # %%
 for fam, df in grids.items():
     m = df.groupby(["source", "target", "method"]).dice.mean().unstack("method")
-    for variant in [v for v in ("trm", E.IMAGE_READING) if v in m]:
+    for variant in [v for v in ("trm", P.IMAGE_READING) if v in m]:
         gain = (m[variant] - m["vanilla"]).rename("dice").reset_index()
         fig = viz.grid_heatmap(gain, "dice", title=f"{fam}: Dice({variant}) - Dice(vanilla), mean of seeds {ctx.seeds}",
                                cmap="RdBu", center=0.0)
@@ -299,26 +301,29 @@ for fam, df in grids.items():
 
 # %% [markdown]
 # ### 3.5 The tumour table, when the main job does not fine-tune it
-# The tumour grid costs about 8 minutes more than the main job affords. Its table at the tutorial budget is
-# committed: the budget check's runs at T (`results/calibration/tumour_budget_runs.csv`, seeds 0, 1, 2, made
-# by `python benchmarks/budget_check.py tumour`), read here as they are, with each run's status and the
-# paper's Table II beside. Set `tumour_max_sources=None` to fine-tune it here instead.
+# The tumour grid costs more than the main job affords, so its table is committed: the runs at T of the
+# budget check that rule v2 accepts in the tumour grid's doubling series (the lowest accepted budget; while
+# none is accepted, the longest budget checked, labelled so), seeds 0, 1, 2, with the carried sources. They are
+# read here as they are (`results/calibration/tumour[_T<budget>]_budget_runs.csv`), with each run's status,
+# the drift at 2T, the gains' stability and the paper's Table II beside. Set `tumour_max_sources=None` to
+# fine-tune the grid here instead, at the preset's budget.
 
 # %%
 committed_grids = {}
 if "tumour" not in grids and dataset == "phantom" and preset == "tutorial":
-    chk = B.load_check("tumour")
+    stem = B.series_choice("tumour")  # the lowest budget v2 accepts, else the longest checked
+    chk = B.load_check("tumour", stem=stem) if stem else {"runs": None}
     if chk["runs"] is None:
         print("no committed tumour check: run `python benchmarks/budget_check.py tumour`")
     else:
-        print(B.verdict_text("tumour", preset=preset))
+        print(B.verdict_text("tumour", preset=preset, stem=stem))
         committed = chk["runs"][chk["runs"].budget == "T"]
         committed_grids["tumour (committed check)"] = committed
-        summaries["tumour (committed check)"] = E.summarize(committed)
+        summaries["tumour (committed check)"] = TB.summarize(committed)
         print(f"tumour grid from the committed check: {sorted(set(committed.source))} -> {sorted(set(committed.target))}, "
               f"{int(committed.iterations.iloc[0])} iterations, seeds {sorted(set(committed.seed))}")
-        print("run status, per method: " + E.status_line(E.status_counts(committed)))
-        p = E.paper_gains("fets2021")
+        print("run status, per method: " + B.status_line(B.status_counts(committed)))
+        p = TB.paper_gains("fets2021")
         t = summaries["tumour (committed check)"][["dice_mean", "dice_std", "gain_pct", "cells_won"]].copy()
         t["paper_gain_pct"] = [p.loc[pm, "gain_pct"] if pm in p.index else float("nan")
                                for pm in [dict((o, q) for q, o in method_of_paper).get(m, "") for m in t.index]]
@@ -347,6 +352,13 @@ else:
     for r in series.drop_duplicates("check").itertuples():
         print(f"{r.check}: {int(r.iterations_T)} vs {int(r.iterations_2T)}: "
               + ("ACCEPTED" if r.accepted else "not accepted (a method of the table still learning)"))
+    # what the numbers say, per doubling: who falls (overfits) and by how much, TRM beside vanilla
+    for d, g in series[series.gated].groupby("iterations_T", sort=True):
+        g = g.set_index("method")
+        falls = g[g.d_dice < -B.DICE_TOL].d_dice.sort_values()
+        print(f"{int(d)} -> {2 * int(d)}: vanilla {g.loc['vanilla', 'd_dice']:+.4f}, TRM {g.loc['trm', 'd_dice']:+.4f}; "
+              + (f"overfitting: {', '.join(f'{m} {v:+.4f}' for m, v in falls.items())}" if len(falls) else "no method falls by more than 0.01")
+              + f"; TRM's gain {g.loc['trm', 'gain_pct_T']:+.2f} % -> {g.loc['trm', 'gain_pct_2T']:+.2f} %")
     gains = B.gain_by_budget(series)
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.plot(gains.iterations, gains.gain_pct, "o-", color="C3", label="TRM vs vanilla (dataset-level map)")
@@ -389,11 +401,11 @@ ranks
 
 # %%
 for fam, df in grids.items():
-    t = E.early_vs_final(df, early_iteration)
+    t = TB.early_vs_final(df, early_iteration)
     ctx.save_table(t, f"early_vs_final_{fam}", index=True)
     print(f"{fam}:")
     display(t.round(4))  # noqa: F821
-    cur = E.curves_frame(df)
+    cur = TB.curves_frame(df)
     ctx.save_table(cur, f"curves_{fam}")
     fig = viz.curves(cur, title=f"{fam}: held-out Dice during fine-tuning (mean over the grid)")
     ctx.save_fig(fig, f"curves_{fam}")
@@ -422,7 +434,7 @@ for fam in ablation_families:
                        retrain_sources=ctx.retrain_sources)
     g = grids[fam]
     both = pd.concat([g[g.seed.isin(ablation_seeds) & g.method.isin(["vanilla", "trm"]) & g.source.isin(src)], extra])
-    s = E.summarize(both)
+    s = TB.summarize(both)
     s.insert(0, "family", fam)
     abl.append(s)
 if abl:
@@ -475,7 +487,7 @@ for fam, s in summaries.items():
     verdict[fam] = {"dataset": frame.dataset.iloc[0], "seeds": sorted(int(x) for x in set(frame.seed)),
                     "iterations": int(frame.iterations.iloc[0]),
                     "summary": s.round(5).reset_index().to_dict(orient="records")}
-    for variant, label in (("trm", "TRM (dataset-level map)"), (E.IMAGE_READING, "TRM (per-image map)")):
+    for variant, label in (("trm", "TRM (dataset-level map)"), (P.IMAGE_READING, "TRM (per-image map)")):
         if variant not in s.index:
             continue
         row = s.loc[variant]

@@ -59,6 +59,8 @@ import seaborn as sns
 
 from trm_utils import budget as B
 from trm_utils import experiments as E
+from trm_utils import tables as TB
+from trm_utils import presets as P
 from trm_utils import viz
 from trm_utils.notebook import setup
 
@@ -85,7 +87,7 @@ ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, sh
 if "tissue" not in ctx.data:
     raise ValueError(f"the few-shot study uses the tissue tasks; dataset={dataset!r} has none (use phantom or iseg2019)")
 name, root = ctx.data["tissue"]
-paper_targets = [t for t in E.PAPER_TASKS[name] if t != fewshot_source]
+paper_targets = [t for t in P.PAPER_TASKS[name] if t != fewshot_source]
 targets = fewshot_targets or (paper_targets if preset == "paper" else ["WM-T1"])
 sizes = fewshot_slices or ([400, 100, 50] if preset == "paper" else [100, 25])
 print(f"source {fewshot_source} -> targets {targets}; training slices {sizes}; methods {methods}; seeds {ctx.seeds}")
@@ -113,7 +115,7 @@ ctx.save_table(runs, "fewshot_runs")
 # %% [markdown]
 # ### 1.1 Did every run finish learning? The budget check, each run's status, the curves
 # Notebook 04 states the rule. The budget check (`benchmarks/budget_check.py fewshot`) ran this study at its
-# budget and at twice it; its committed verdict is printed first. Then each run's status (`E.run_status`: flat
+# budget and at twice it; its committed verdict is printed first. Then each run's status (`B.run_status`: flat
 # / overfit / rising on the curve smoothed over 3 evaluations) and the held-out Dice against iterations for
 # each size (band: min-max over seeds). With few labelled slices a method can sit at Dice 0 for hundreds of
 # iterations before it finds the structure: the curves show which method escapes the all-background trap,
@@ -121,17 +123,17 @@ ctx.save_table(runs, "fewshot_runs")
 
 # %%
 print(B.verdict_text("fewshot", preset=preset))
-st = E.status_table(runs.assign(source=runs.n_slices.astype(str) + " slices"))
+st = B.status_table(runs.assign(source=runs.n_slices.astype(str) + " slices"))
 ctx.save_table(st, "fewshot_status")
 for n, g in st.assign(n_slices=runs.n_slices.values).groupby("n_slices", sort=False):
-    print(f"{n} slices: " + E.status_line(E.status_counts(g)))
+    print(f"{n} slices: " + B.status_line(B.status_counts(g)))
 if (st.status == "rising").any() or st.below.any():
     display(st[(st.status == "rising") | st.below].round(3))  # noqa: F821
-cur = E.curves_frame(runs.assign(source=runs.n_slices.astype(str) + " slices"))
+cur = TB.curves_frame(runs.assign(source=runs.n_slices.astype(str) + " slices"))
 fig = viz.cell_curves(cur, title=f"few-shot: held-out Dice ({fewshot_source} -> target), seeds {ctx.seeds}", mark=early_iteration)
 ctx.save_fig(fig, "fewshot_curves")
 plt.show()
-early = pd.concat({n: E.early_vs_final(g, early_iteration) for n, g in runs.groupby("n_slices")}, names=["n_slices"])
+early = pd.concat({n: TB.early_vs_final(g, early_iteration) for n, g in runs.groupby("n_slices")}, names=["n_slices"])
 ctx.save_table(early, "fewshot_early_vs_final", index=True)
 early.round(4)
 
@@ -162,7 +164,7 @@ print(stuck.to_string() if len(stuck) else "no run stayed near Dice 0")
 # ## 3. The paper's Table III beside ours
 
 # %%
-paper = E.paper_table("fewshot")
+paper = TB.paper_table("fewshot")
 paper = paper[paper.target == "average"].pivot(index="n_slices", columns="method", values="dice")
 paper["gain_pct"] = 100 * (paper.ours - paper.vanilla) / paper.vanilla
 paper.round(4)

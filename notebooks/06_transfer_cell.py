@@ -54,6 +54,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from trm_utils import experiments as E
+from trm_utils import budget as B
+from trm_utils import tables as TB
+from trm_utils import presets as P
 from trm_utils import viz
 from trm_utils.notebook import setup
 
@@ -84,7 +87,7 @@ ctx = setup(dataset, data_dir, output_dir, preset, seeds, device, iterations, sh
 if family not in ctx.data:
     raise ValueError(f"dataset {dataset!r} has no {family} tasks (it has {list(ctx.data)}); set family to one of those")
 name, root = ctx.data[family]
-budget = E.for_dataset(ctx.cfg, name)  # the preset's budget for this dataset
+budget = P.for_dataset(ctx.cfg, name)  # the preset's budget for this dataset
 print(f"cell: {name} {source} -> {target}" + (f", {n_slices} target slices" if n_slices else "")
       + f"; methods {methods}; seeds {ctx.seeds}; {budget['iterations']} iterations at lr {budget['lr']}")
 
@@ -106,17 +109,17 @@ runs["source_dice"] = src_info["curve"][-1][1] if src_info["curve"] else float("
 
 # %% [markdown]
 # ## 2. The curves and each run's status
-# A number enters a table only beside its run's status (`E.run_status`; notebook 04 explains the rule): each
+# A number enters a table only beside its run's status (`B.run_status`; notebook 04 explains the rule): each
 # held-out curve is smoothed over 3 evaluations, then `rising` when the smoothed end is more than 0.01 above
 # the smoothed start of the last third, `overfit` when the smoothed maximum is more than 0.02 above the
 # smoothed end, `flat` otherwise. Flat and overfit runs have finished learning; a rising one has not. Runs
 # ending below Dice 0.05 are listed.
 
 # %%
-st = E.status_table(runs)
+st = B.status_table(runs)
 runs["status"] = st.status.values
-print("run status, per method: " + E.status_line(E.status_counts(st)))
-fig = viz.cell_curves(E.curves_frame(runs), title=f"{source} -> {target}: held-out Dice, seeds {ctx.seeds}")
+print("run status, per method: " + B.status_line(B.status_counts(st)))
+fig = viz.cell_curves(TB.curves_frame(runs), title=f"{source} -> {target}: held-out Dice, seeds {ctx.seeds}")
 ctx.save_fig(fig, "curves")
 plt.show()
 
@@ -131,7 +134,7 @@ cell.round(4)
 
 # %%
 # The result file the sweep collects (written atomically: a killed run leaves none).
-E.write_csv(runs, ctx.out_dir / "result.csv")
+TB.write_csv(runs, ctx.out_dir / "result.csv")
 ctx.save_json({"source": source, "target": target, "n_slices": n_slices, "seeds": ctx.seeds,
                "source_cache": src_info["status"], "source_status": src_status.get("status"), "mean_dice": cell["mean"].round(4).to_dict()}, "cell")
 print(f"wrote {ctx.out_dir / 'result.csv'} ({len(runs)} runs)")

@@ -151,7 +151,7 @@ if "status" in rep:
 # ### The budget check, table by table
 # Before a sweep runs, a sample of each table's cells is fixed by a rule that never looks at results (every cell
 # of the table's first target; Table III: of its first two, every size) and run again at twice the budget, the
-# schedule's shape kept (`sweep.check_sample`, `experiments.scale_budget`). The rule (v2, notebook 04): the table's
+# schedule's shape kept (`sweep.check_sample`, `presets.scale_budget`). The rule (v2, notebook 04): the table's
 # budget is accepted when no method of the paper's table is more than 0.01 higher in mean Dice on those cells at
 # twice the budget; a fall is overfitting (drift), a gain that moves more than 1 point "depends on the budget"
 # (reported, not gated). A table that fails, or whose check is incomplete, is **early-budget** wherever it is

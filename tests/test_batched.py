@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from trm_utils import finetune, train_source
-from trm_utils.batched import EncoderCache, encode, encoder_bytes_per_slice
+from trm_utils.batched import EncoderCache, encode, finetune_cell
 from trm_utils.losses import METHODS
-from trm_utils.train import finetune_cell
+from trm_utils.memory import encoder_bytes_per_slice
 
 from .test_unet_train import small_unet, toy_data
 
@@ -207,7 +207,7 @@ def test_grouping_gives_the_same_runs(cell):
 
 
 def test_group_size_auto_and_the_memory_budget(cell):
-    from trm_utils.batched import cell_memory, plan_group_size
+    from trm_utils.memory import cell_memory, plan_group_size
 
     src, data = cell["src"], cell["data"]
     runs = [("vanilla", s) for s in range(4)]
@@ -240,7 +240,7 @@ def test_group_size_auto_and_the_memory_budget(cell):
 
 def test_memory_model_terms():
     """The model's terms, counted by hand for a depth-1 U-Net (base 2 channels, 4 x 4 px, 3 classes)."""
-    from trm_utils.batched import backward_transient_bytes, cell_memory, param_bytes, step_activation_bytes
+    from trm_utils.memory import backward_transient_bytes, cell_memory, param_bytes, step_activation_bytes
     from trm_utils.unet import UNet2D, freeze_encoder
 
     m = freeze_encoder(UNet2D(1, 3, base_channels=2, depth=1))

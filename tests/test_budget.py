@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from trm_utils import budget as B
-from trm_utils import experiments as E
+from trm_utils import checks as C
+from trm_utils import presets as P
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,7 +21,7 @@ def test_budget_cfg_doubles_the_run_and_keeps_its_shape():
     assert t2["iterations"] == 2 * t["iterations"] and t2["eval_every"] == 2 * t["eval_every"]
     assert t2["lr_decay"] == t["lr_decay"] and t2["lr"] == t["lr"]
     few = B.budget_cfg("fewshot", "tutorial", 1)  # the few-shot study's own budget
-    assert few["iterations"] == E.PRESETS["tutorial"]["fewshot"]["iterations"] and "fewshot" not in few
+    assert few["iterations"] == P.PRESETS["tutorial"]["fewshot"]["iterations"] and "fewshot" not in few
     with pytest.raises(ValueError, match="unknown budget family 'tumor'"):
         B.budget_cfg("tumor")
 
@@ -101,37 +102,37 @@ def test_committed_checks_reread_under_v2():
 
 def test_check_grid_and_sources_run_both_budgets(phantom_root, cache_dir, monkeypatch):
     monkeypatch.setenv("TRM_CACHE_DIR", str(cache_dir))
-    table, runs = B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None)
+    table, runs = C.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None)
     assert sorted(runs.iterations.unique()) == [6, 12] and set(runs.budget) == {"T", "2T"}
     assert len(runs) == 2 * 2 * len(B.FAMILIES["tissue"]["methods"]) * 2  # budgets x cells x methods x seeds
     assert list(table.method) == B.FAMILIES["tissue"]["methods"] and table.accepted.nunique() == 1
     assert set(table.columns) >= {"dice_mean_T", "dice_mean_2T", "gain_pct_T", "gain_pct_2T", "rising_T", "overfit_2T",
                                   "below_0.05_T", "d_dice", "d_gain", "ok", "accepted"}
-    src = B.check_sources("tissue", "smoke", root=phantom_root, log=None)
-    assert list(src.source) == E.grid_tasks("iseg2019", "smoke")[0]
+    src = C.check_sources("tissue", "smoke", root=phantom_root, log=None)
+    assert list(src.source) == P.grid_tasks("iseg2019", "smoke")[0]
     assert (src.iterations_2T == 2 * src.iterations_T).all() and src.dice_T.between(0, 1).all()
     assert len(list(Path(cache_dir, "sources").glob("*.pt"))) == 2 * len(src)  # both budgets cached
     # the jobs in 2 worker processes (the default on 2 cores) give what one process gives, up to rounding
-    t2, r2 = B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, workers=1)
+    t2, r2 = C.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, workers=1)
     k = ["budget", "source", "target", "method", "seed"]
     a, b = runs.sort_values(k).reset_index(drop=True), r2.sort_values(k).reset_index(drop=True)
     assert (a[k] == b[k]).all().all()
     assert np.allclose(a.dice, b.dice, atol=1e-3), (a.dice - b.dice).abs().max()
     # a doubling series: the next check (12 vs 24) takes its T runs from this check's 2T runs; trained afresh
     # they are the same to the last bit (same machine, seeds, sources, threads)
-    nxt, nruns = B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=12, reuse_t=runs)
-    fresh, fruns = B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=12)
+    nxt, nruns = C.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=12, reuse_t=runs)
+    fresh, fruns = C.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=12)
     k2 = ["budget", "source", "target", "method", "seed"]
     x, y = nruns.sort_values(k2).reset_index(drop=True), fruns.sort_values(k2).reset_index(drop=True)
     assert (x[k2] == y[k2]).all().all() and (x.dice == y.dice).all() and sorted(set(x.iterations)) == [12, 24]
     assert set(runs.source_origin) <= {"loaded", "trained"} and runs.source_identity.nunique() == 2
     with pytest.raises(ValueError, match="no 2T runs at 24 iterations"):
-        B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=24, reuse_t=runs)
+        C.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=24, reuse_t=runs)
     other = runs.assign(source_identity="0123456789ab")
     with pytest.raises(ValueError, match="other source models"):
-        B.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=12, reuse_t=other)
+        C.check_grid("tissue", "smoke", seeds=(0, 1), root=phantom_root, log=None, budget=12, reuse_t=other)
     with pytest.raises(ValueError, match="lack 10 of this check's T runs"):
-        B.check_grid("tissue", "smoke", seeds=(0, 1, 2), root=phantom_root, log=None, budget=12,
+        C.check_grid("tissue", "smoke", seeds=(0, 1, 2), root=phantom_root, log=None, budget=12,
                      reuse_t=runs[runs.method != "x"])
 
 
@@ -212,3 +213,26 @@ def test_is_partial_is_one_rule_for_the_script_and_the_grid():
     assert not B.is_partial("tumour", None) and not B.is_partial("tumour", list(reversed(full)))
     assert B.is_partial("tumour", ["vanilla", "trm"])
     assert B.check_methods("tumour", None) == list(full)
+
+
+def _check_csv(folder, stem, t, rises):
+    """A check table at T vs 2T whose methods change by ``rises`` (vanilla first)."""
+    methods = ["vanilla", "class_weight", "trs_map", "trm", "trm@map=image"]
+    pd.DataFrame({"family": "tumour", "method": methods, "n_slices": None, "iterations_T": t, "iterations_2T": 2 * t,
+                  "dice_mean_T": 0.5, "dice_mean_2T": [0.5 + r for r in [*rises, 0.05]], "gain_pct_T": [0.0, 1, 2, 3, 4],
+                  "gain_pct_2T": [0.0, 1, 2, 3, 4]}).to_csv(folder / f"{stem}_budget_check.csv", index=False)
+
+
+def test_series_choice_shows_the_lowest_accepted_budget(tmp_path):
+    """Notebook 04 shows the doubling series' lowest accepted check, else the longest one checked."""
+    assert B.series_choice("tumour", tmp_path) is None
+    _check_csv(tmp_path, "tumour", 400, [0.03, 0.0, 0.0, 0.0])
+    _check_csv(tmp_path, "tumour_T800", 800, [0.0, 0.0, 0.0, 0.02])
+    assert B.series_choice("tumour", tmp_path) == "tumour_T800"  # none accepted: the longest checked
+    _check_csv(tmp_path, "tumour_T1600", 1600, [-0.03, 0.0, 0.005, 0.0])
+    _check_csv(tmp_path, "tumour_T3200", 3200, [-0.02, 0.0, 0.0, -0.01])
+    assert B.series_choice("tumour", tmp_path) == "tumour_T1600"  # the lowest accepted
+    chk = B.load_check("tumour", tmp_path, stem="tumour_T1600")
+    assert chk["grid"].accepted.all() and int(chk["grid"].iterations_T.iloc[0]) == 1600
+    text = B.verdict_text("tumour", tmp_path, stem="tumour_T1600")
+    assert "budget 1600 iterations ACCEPTED" in text and "a candidate budget" in text and "STALE" not in text

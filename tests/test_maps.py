@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trm_utils import PatchLEEP, dataset_transferability_map, leep, transferability_maps, variance_explained
-from trm_utils.maps import LossMaps, hardness, loss_maps, to_pixels, transferability, transferability_map
+from trm_utils.leep import PixelLEEP
+from trm_utils.maps import LossMaps, hardness, loss_maps, to_pixels, transferability_map
 
 from .test_unet_train import small_unet, toy_data
 
@@ -160,9 +161,10 @@ def test_maps_from_a_model_in_both_readings():
     torch.testing.assert_close(r["dataset"]["map"], ref_map, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(r["dataset"]["tmap"], to_pixels(ref_map, 2, (16, 16)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(r["dataset"]["hardness"], hardness(r["dataset"]["tmap"]))
-    old = transferability(model, data, device="cpu")
-    torch.testing.assert_close(r["image"]["tmap"], old["tmap"])
-    assert r["score"] == pytest.approx(old["score"])
+    est = PixelLEEP(probs.shape[1], 3).update(probs, labels)  # the per-image reading: eq. 4 with one global P(y|z)
+    torch.testing.assert_close(r["image"]["tmap"], transferability_map(probs, labels, est.conditional()),
+                               rtol=1e-5, atol=1e-6)
+    assert r["score"] == pytest.approx(float(r["image"]["tmap"].mean()), rel=1e-5)
     lm = loss_maps(r, "dataset")
     t, h = lm.batch(torch.tensor([0, 3, 3]))
     assert t.shape == (3, 16, 16) and torch.equal(t[0], t[2]) and torch.equal(h[1], r["dataset"]["hardness"])
@@ -177,13 +179,9 @@ def test_maps_from_a_model_in_both_readings():
         LossMaps("image", torch.zeros(2, 16, 16), torch.zeros(2, 16, 16), n=6)
 
 
-def test_per_image_map_is_the_moved_function():
+def test_per_image_map_is_pixel_leeps_terms():
     probs, labels = random_case(n=2, c_s=2, c_t=2, h=4, w=4)
-    from trm_utils.leep import PixelLEEP
-    from trm_utils.leep import transferability_map as old_name
-
     est = PixelLEEP(2, 2).update(probs, labels)
-    assert old_name is transferability_map
     torch.testing.assert_close(transferability_map(probs, labels, est.conditional()), est.score_update(probs, labels))
 
 

@@ -9,6 +9,7 @@ import torch
 
 from trm_utils import budget as B
 from trm_utils import experiments as E
+from trm_utils import presets as P
 from trm_utils import sources as S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,13 +20,13 @@ def _ident(root, cfg, task="GM-T1", seed=0, memo=None):
 
 
 def test_identity_names_what_decides_the_weights(phantom_root, tmp_path):
-    cfg = E.get_preset("smoke", source_iterations=3)
+    cfg = P.get_preset("smoke", source_iterations=3)
     a = _ident(phantom_root, cfg, memo=tmp_path)
     assert a == _ident(phantom_root, cfg, memo=tmp_path) and S.identity_hash(a) == S.identity_hash(dict(a))
     assert a["training"]["iterations"] == 3 and a["architecture"]["base_channels"] == cfg["base_channels"]
-    for changed in (E.get_preset("smoke", source_iterations=4), E.get_preset("smoke", source_iterations=3, source_lr=2e-3),
-                    E.get_preset("smoke", source_iterations=3, base_channels=8),
-                    E.get_preset("smoke", source_iterations=3, source_augment={"iseg2019": True})):
+    for changed in (P.get_preset("smoke", source_iterations=4), P.get_preset("smoke", source_iterations=3, source_lr=2e-3),
+                    P.get_preset("smoke", source_iterations=3, base_channels=8),
+                    P.get_preset("smoke", source_iterations=3, source_augment={"iseg2019": True})):
         b = _ident(phantom_root, changed, memo=tmp_path)
         assert S.identity_hash(b) != S.identity_hash(a) and S.identity_diff(a, b)
     assert S.identity_hash(_ident(phantom_root, cfg, seed=1, memo=tmp_path)) != S.identity_hash(a)
@@ -44,7 +45,7 @@ def test_identity_names_what_decides_the_weights(phantom_root, tmp_path):
 
 
 def test_carried_source_is_loaded_when_it_matches_and_named_when_not(phantom_root, tmp_path, monkeypatch):
-    cfg = E.get_preset("smoke", source_iterations=3)
+    cfg = P.get_preset("smoke", source_iterations=3)
     model, info = E.source_model("iseg2019", phantom_root, "GM-T1", cfg, cache_dir=tmp_path / "cache")
     assert info["status"] == "trained" and "no carried source for iseg2019 GM-T1" in info["reason"]
     state = torch.load(info["path"], weights_only=False)
@@ -58,7 +59,7 @@ def test_carried_source_is_loaded_when_it_matches_and_named_when_not(phantom_roo
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
     assert not empty.exists()  # nothing trained, nothing cached
     # another setting: the carried model is named as another model, with what differs, and one is trained
-    _, i3 = E.source_model("iseg2019", phantom_root, "GM-T1", E.get_preset("smoke", source_iterations=4), cache_dir=empty)
+    _, i3 = E.source_model("iseg2019", phantom_root, "GM-T1", P.get_preset("smoke", source_iterations=4), cache_dir=empty)
     assert i3["status"] == "trained" and "training.iterations: carried 3, asked 4" in i3["reason"]
     # retrain_sources: the carried model is not used
     _, i4 = E.source_model("iseg2019", phantom_root, "GM-T1", cfg, cache_dir=tmp_path / "c4", retrain=True)
@@ -72,7 +73,7 @@ def test_carried_source_is_loaded_when_it_matches_and_named_when_not(phantom_roo
 
 
 def test_a_damaged_carried_source_is_an_error_not_a_silent_retrain(phantom_root, tmp_path, monkeypatch):
-    cfg = E.get_preset("smoke", source_iterations=3)
+    cfg = P.get_preset("smoke", source_iterations=3)
     _, info = E.source_model("iseg2019", phantom_root, "GM-T1", cfg, cache_dir=tmp_path / "cache")
     carried = tmp_path / "carried"
     pt, rec = S.write_carried(torch.load(info["path"], weights_only=False), _ident(phantom_root, cfg), 0.5, carried)
@@ -112,7 +113,7 @@ def test_committed_sources_match_the_current_code(tutorial_phantom, tmp_path):
     change that would make the notebooks retrain them fails here. Each was carried at a budget its
     committed source check accepts under rule v2, and every tumour source clears the floor."""
     records = {(r["identity"]["dataset"], r["identity"]["task"]): r for r in S.carried_records()}
-    cfg = E.get_preset("tutorial")
+    cfg = P.get_preset("tutorial")
     for family in B.FAMILIES:
         name, sources, _ = B.family_tasks(family, "tutorial")
         chk = B.load_check(family)["sources"]

@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trm_utils import experiments as E
+from trm_utils import tables as TB
+from trm_utils import presets as P
 from trm_utils import report as R
 from trm_utils import sweep as S
+from trm_utils import units as U
 from trm_utils.utils import REPO_ROOT
 
 
@@ -53,7 +55,7 @@ def test_expand_full_grids(settings, fams):
     # Table III: one source, the five other tissue tasks, at every few-shot size
     assert {u.source for u in t3} == {"CSF-T1"} and len({u.target for u in t3}) == 5
     assert sorted({u.n_slices for u in t3}) == sorted(S.FEWSHOT_SIZES["smoke"])
-    assert all(u.methods == (*E.CORE_METHODS, "trm@map=image") and u.seeds == (0, 1) for u in t1 + t2)
+    assert all(u.methods == (*P.CORE_METHODS, "trm@map=image") and u.seeds == (0, 1) for u in t1 + t2)
     assert all(u.methods == ("vanilla", "trm", "trm@map=image") for u in t3)
     ab = S.expand("ablations", settings, fams)
     assert "trm@base=2" in ab[0].methods and any(m.startswith("trm@refresh=") for m in ab[0].methods)
@@ -130,7 +132,7 @@ def test_rekey_carries_format_1_units_over_and_leaves_the_rest(tmp_path, setting
     for i, (u, spec, _) in enumerate(rows[:3]):
         d = out / "units" / f"{u.uid}-{i:010d}"
         d.mkdir(parents=True)
-        params = S.unit_parameters({**spec, "dir": str(d)})
+        params = U.unit_parameters({**spec, "dir": str(d)})
         if i == 2:  # ran another learning rate: not this unit
             params["overrides"]["lr"] *= 2
         (d / "result.csv").write_text("method,seed,dice\nvanilla,0,0.5\n")
@@ -165,14 +167,14 @@ def test_budget_check_sample_is_fixed_by_rule_and_doubles_the_budget(settings, f
     assert len({u.target for u in c3}) == 2 and len(c3) == 2 * len(S.FEWSHOT_SIZES["smoke"]) >= 4
     assert S.check_sample("ablations", S.expand("ablations", settings, fams)) == []
     # the same schedule shape at 2T: budgets and evaluation interval doubled, the rest kept
-    cfg = E.get_preset("tutorial")
-    c2 = E.scale_budget(cfg, 2)
+    cfg = P.get_preset("tutorial")
+    c2 = P.scale_budget(cfg, 2)
     assert c2["iterations"] == {k: 2 * v for k, v in cfg["iterations"].items()}
     assert c2["eval_every"] == {k: 2 * v for k, v in cfg["eval_every"].items()}
     assert c2["fewshot"] == {"iterations": 2 * cfg["fewshot"]["iterations"], "eval_every": 2 * cfg["fewshot"]["eval_every"]}
     assert {k: v for k, v in c2.items() if k not in ("iterations", "eval_every", "fewshot")} == \
         {k: v for k, v in cfg.items() if k not in ("iterations", "eval_every", "fewshot")}
-    assert E.scale_budget(cfg, 1) is cfg and cfg["iterations"]["iseg2019"] == 600  # never modified in place
+    assert P.scale_budget(cfg, 1) is cfg and cfg["iterations"]["iseg2019"] == 600  # never modified in place
     # a table's own unit hashes as it did before the check existed (finished units stay finished)
     import hashlib
     from dataclasses import asdict
@@ -332,15 +334,15 @@ def test_cli_bad_input(tmp_path, capsys):
 def test_slurm_executor_needs_sbatch_and_submitit(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     with pytest.raises(S.SweepError, match="needs SLURM's sbatch"):
-        S.slurm_executor(tmp_path / "slurm")
+        U.slurm_executor(tmp_path / "slurm")
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     with pytest.raises(S.SweepError, match="needs submitit: pip install submitit"):
-        S.slurm_executor(tmp_path / "slurm", cluster="local")
+        U.slurm_executor(tmp_path / "slurm", cluster="local")
 
 
 def _specs(out, settings, fams, units):
     cfg, sig, code = settings.cfg(), S.data_signature(fams), S.code_version()
-    return [S.unit_spec(out, u, settings, cfg, S.unit_hash(u, cfg, sig, code), device="cpu", num_threads=1,
+    return [U.unit_spec(out, u, settings, cfg, S.unit_hash(u, cfg, sig, code), device="cpu", num_threads=1,
                         data=sig.get(u.name), code=code) for u in units]
 
 
@@ -348,7 +350,7 @@ def test_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, settings, fams):
     out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
     good = S.expand("table1", settings, fams, sources=["WM-T1"], targets=["GM-T1"])[0]
     bad = S.Unit(**{**good.__dict__, "target": "XX-T9"})  # a task the data does not have
-    res = S.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
+    res = U.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
     assert [r["status"] for r in res] == ["failed", "done"]
     rec = json.loads(next((out / "units").glob("*XX-T9*/unit.json")).read_text())
     assert rec["status"] == "failed" and "XX-T9" in rec["error"] and "\n" not in rec["error"]
@@ -359,14 +361,14 @@ def test_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, settings, fams):
     assert done["code_version"] == S.code_version() and done["machine"]["cpu"] and done["machine"]["torch"]
     assert len(runs) == len(S.STUDY_METHODS["table1"]) * 2 and set(runs.method) == set(S.STUDY_METHODS["table1"])
     # run again: the finished unit is skipped, the failed one retried (and fails again)
-    res = S.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
+    res = U.run_local(_specs(out, settings, fams, [bad, good]), progress=False, log=None)
     assert [r["status"] for r in res] == ["failed", "skipped"]
 
 
 def test_local_pool_runs_units_in_parallel_processes(tmp_path, settings, fams):
     out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
     units = S.expand("table1", settings, fams, sources=["WM-T1", "GM-T2"], targets=["GM-T1"])
-    res = S.run_local(_specs(out, settings, fams, units), workers=2, progress=False, log=None)
+    res = U.run_local(_specs(out, settings, fams, units), workers=2, progress=False, log=None)
     assert sorted(r["status"] for r in res) == ["done", "done"]
     hosts = {json.loads(f.read_text())["parameters"]["num_threads"] for f in out.glob("units/*/unit.json")}
     assert hosts == {1}
@@ -383,13 +385,13 @@ def test_sweep_killed_and_resumed(tmp_path, settings):
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     t0 = time.time()
-    while not any(S.unit_status(d) == "done" for d in (out / "units").glob("*")) and time.time() - t0 < 240:
+    while not any(U.unit_status(d) == "done" for d in (out / "units").glob("*")) and time.time() - t0 < 240:
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: runner and its kernel
     proc.wait()
     dirs = sorted((out / "units").glob("*"))
-    done = [d for d in dirs if S.unit_status(d) == "done"]
+    done = [d for d in dirs if U.unit_status(d) == "done"]
     assert 1 <= len(done) < 3, "the kill should land mid-sweep"
     stamps = {d.name: (d / "unit.json").stat().st_mtime_ns for d in done}
     assert not list(out.rglob("*.tmp*"))  # nothing half-written under a final name
@@ -397,7 +399,7 @@ def test_sweep_killed_and_resumed(tmp_path, settings):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"3 units, {len(done)} already done, {3 - len(done)} to run" in r.stdout
     assert set(pd.read_csv(next(out.glob("units/*/result.csv"))).iterations) == {4}  # --iterations reached the runs
-    assert all(S.unit_status(d) == "done" for d in (out / "units").glob("*")) and len(list((out / "units").glob("*"))) == 3
+    assert all(U.unit_status(d) == "done" for d in (out / "units").glob("*")) and len(list((out / "units").glob("*"))) == 3
     assert {d.name: (d / "unit.json").stat().st_mtime_ns for d in done} == stamps  # finished units untouched
     # and the report of the resumed sweep
     files = R.write_report(out, n_boot=200)
@@ -406,7 +408,7 @@ def test_sweep_killed_and_resumed(tmp_path, settings):
     assert {"vanilla", "trm", "vanilla_std", "paper_trm"} <= set(grid.columns)
     assert (grid.source == "average").sum() == 1 and len(grid) == 4
     # the paper's numbers sit beside ours for the same cell
-    paper = E.paper_table("iseg2019")
+    paper = TB.paper_table("iseg2019")
     want = paper[(paper.target == "GM-T1") & (paper.source == "WM-T1") & (paper.method == "ours")].dice.item()
     assert grid[(grid.target == "GM-T1") & (grid.source == "WM-T1")].paper_trm.item() == pytest.approx(want)
     # export: the result files only, which report reads like the original
@@ -420,7 +422,7 @@ def test_sweep_killed_and_resumed(tmp_path, settings):
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "shared" / "units").rglob("*")} == stamps
     newest = sorted((tmp_path / "shared" / "units").glob("*"))[-1]
     shutil.rmtree(newest)  # a unit that finished after the first export
-    assert S.export(out, tmp_path / "shared") == 1 and S.unit_status(newest) == "done"
+    assert S.export(out, tmp_path / "shared") == 1 and U.unit_status(newest) == "done"
     other = tmp_path / "other"  # never into a folder of something else
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -431,8 +433,8 @@ def test_submitit_local_executor(tmp_path, settings, fams):
     pytest.importorskip("submitit")
     out = S.open_sweep(tmp_path / "sw", settings, ["table3"])
     units = S.expand("table3", settings, fams, targets=["WM-T1"], sizes=[6])
-    ex = S.slurm_executor(out / "slurm", cluster="local", time_min=10, cpus_per_job=1)
-    res = S.run_submitit(_specs(out, settings, fams, units), ex, progress=False, log=None)
+    ex = U.slurm_executor(out / "slurm", cluster="local", time_min=10, cpus_per_job=1)
+    res = U.run_submitit(_specs(out, settings, fams, units), ex, progress=False, log=None)
     assert [r["status"] for r in res] == ["done"]
     runs = pd.read_csv(next((out / "units").glob("*/result.csv")))
     # few-shot: each seed drew its own subset of 6 slices, recorded
@@ -443,9 +445,9 @@ def test_submitit_local_executor(tmp_path, settings, fams):
 def test_timed_out_job_is_requeued_with_the_same_unit():
     submitit = pytest.importorskip("submitit")
     spec = {"uid": "u", "dir": "/nonexistent"}
-    again = S.UnitJob().checkpoint(spec)  # what submitit calls on a time-out or preemption
+    again = U.UnitJob().checkpoint(spec)  # what submitit calls on a time-out or preemption
     assert isinstance(again, submitit.helpers.DelayedSubmission)
-    assert isinstance(again.function, S.UnitJob) and again.args == (spec,)
+    assert isinstance(again.function, U.UnitJob) and again.args == (spec,)
 
 
 def test_bootstrap_and_wilcoxon():

@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import nbformat
+
+from .colab import repo_slug
 from .run_all import NOTEBOOKS
 from .utils import REPO_ROOT, resolve_path
 
@@ -61,8 +64,6 @@ main.trm-landing th, main.trm-landing td { border-bottom: 1px solid #e5e7eb; pad
 
 def repo_url() -> str:
     """``https://github.com/OWNER/NAME`` from pyproject.toml (the one place the address lives)."""
-    from .colab import repo_slug
-
     return f"https://github.com/{repo_slug()}"
 
 
@@ -157,8 +158,7 @@ Built {html.escape(built)} from <code>{html.escape(str(run_dir))}</code>.</p>
 
 def build_book(run_dir="runs/main", out="runs/book", repo: str = None, log=print) -> Path:
     """Render the executed notebooks of ``run_dir`` into a static site at ``out`` (see the module docstring)."""
-    from nbconvert import HTMLExporter
-    import nbformat
+    from nbconvert import HTMLExporter  # optional: `make book` installs it (the "book" extra); `make run` needs none
 
     run_dir, out = resolve_path(run_dir), resolve_path(out)
     chapters = [nb for nb in NOTEBOOKS if (run_dir / f"{nb}.ipynb").exists()]

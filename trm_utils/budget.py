@@ -16,14 +16,14 @@ failed a budget for a fall as well as for a rise):
 3. *A gain's stability is reported, not gated*: beside every gain over vanilla, its value at 2T and
    "stable" when the two differ by at most ``GAIN_TOL`` (1 percentage point), otherwise "depends on
    the budget".
-4. The per-run status (flat / overfit / rising / below 0.05, ``experiments.run_status``) is a
+4. The per-run status (flat / overfit / rising / below 0.05, ``run_status``, below) is a
    diagnostic shown beside every table.
 
 "Same schedule shape": the learning rate decays over the same fraction of the run
 (``lr_decay``), and the held-out Dice is read as often relative to the run (``eval_every``
 doubled), so the per-run status reads comparable curves.
 
-``benchmarks/budget_check.py FAMILY`` runs it and writes ``results/calibration/``;
+``benchmarks/budget_check.py FAMILY`` runs it (``checks.py``) and writes ``results/calibration/``;
 ``verdict_text`` / ``load_check`` read what it wrote (notebooks 04 and 05 print them), judging
 every committed file by the rule in force (``judge``), whatever rule its ``ok`` column was written
 under.
@@ -35,18 +35,16 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
-import torch
 
-from . import experiments as E
-from . import sources as S
-from .train import evaluate
+from .presets import CORE_METHODS, for_dataset, get_preset, grid_tasks, scale_budget, source_iterations
+from .tables import summarize
 from .utils import REPO_ROOT
 
 DICE_TOL = 0.01
 GAIN_TOL = 1.0
 SOURCE_DICE_TOL = 0.01
 #: The methods of the paper's tables: the rule's gate (Tables I and II; Table III has vanilla and TRM).
-GATE_METHODS = E.CORE_METHODS
+GATE_METHODS = CORE_METHODS
 RULE = ("rule v2: T is accepted when at 2T no method of the paper's table has a mean held-out Dice more than "
         f"{DICE_TOL} higher (a fall is overfitting, reported as drift); a gain is stable when it moves at most "
         f"{GAIN_TOL:g} point at 2T (reported, not gated)")
@@ -66,7 +64,108 @@ FAMILIES = {
 SOURCE_FLOOR = FAMILIES["tumour"]["source_floor"]
 
 
-def _family(family: str) -> dict:
+# ----------------------------------------------------------------------------- the per-run status
+
+#: The per-run status rule (issue "finished learning, decided"): the smoothing window (evaluations)
+#: and the two thresholds. Decided before any measurement; never tuned on results.
+STATUS_WINDOW = 3
+RISING_TOL = 0.01
+OVERFIT_TOL = 0.02
+#: A run ending below this held-out Dice is listed by name (a failure of its method, or a slow run).
+BELOW = 0.05
+STATUSES = ("flat", "overfit", "rising")
+
+
+def smooth_curve(values, window: int = STATUS_WINDOW) -> list:
+    """Running mean over ``window`` consecutive evaluations (trailing; the first points average
+    what there is so far)."""
+    v = [float(x) for x in values]
+    return [sum(v[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
+
+
+def run_status(curve, window: int = STATUS_WINDOW, rising_tol: float = RISING_TOL,
+               overfit_tol: float = OVERFIT_TOL) -> dict:
+    """Has a run finished learning? A diagnostic shown beside every table, never a gate.
+
+    ``curve`` is ``[(iteration, dice), ...]`` (a run's held-out Dice, as ``run_grid`` records it).
+    The curve is smoothed by a running mean over ``window`` consecutive evaluations, then:
+
+    * ``rising``: the smoothed final exceeds the smoothed value at the start of the last third
+      (the first evaluation at or after 2/3 of the last iteration) by more than ``rising_tol``;
+    * ``overfit``: else, the smoothed maximum exceeds the smoothed final by more than
+      ``overfit_tol`` (the run peaked and fell: it has finished learning; its size is ``drop``,
+      and no checkpoint is ever picked to undo it);
+    * ``flat``: otherwise.
+
+    Returns ``{"status", "final", "smoothed_final", "smoothed_max", "rise", "drop"}``; ``status``
+    is ``"empty"`` for an empty curve.
+    """
+    pts = sorted((int(i), float(d)) for i, d in curve)
+    if not pts:
+        nan = float("nan")
+        return {"status": "empty", "final": nan, "smoothed_final": nan, "smoothed_max": nan, "rise": nan, "drop": nan}
+    its = [i for i, _ in pts]
+    sm = smooth_curve([d for _, d in pts], window)
+    start = next(k for k, i in enumerate(its) if i >= 2 / 3 * its[-1] - 1e-6)
+    rise, drop = sm[-1] - sm[start], max(sm) - sm[-1]
+    status = "rising" if rise > rising_tol else "overfit" if drop > overfit_tol else "flat"
+    return {"status": status, "final": pts[-1][1], "smoothed_final": sm[-1], "smoothed_max": max(sm),
+            "rise": rise, "drop": drop}
+
+
+def status_table(df: pd.DataFrame, **kw) -> pd.DataFrame:
+    """``run_status`` for every run of a grid (one row per run, from its ``curve`` column), with
+    ``below`` (the run ended below ``BELOW`` Dice)."""
+    rows = []
+    for r in df.itertuples():
+        st = run_status(json.loads(r.curve), **kw)
+        rows.append({"source": r.source, "target": r.target, "method": r.method, "seed": r.seed, **st,
+                     "below": bool(r.dice < BELOW)})
+    return pd.DataFrame(rows)
+
+
+def status_counts(df: pd.DataFrame, by=("method",)) -> pd.DataFrame:
+    """Per method (or ``by``): runs, and how many are flat / overfit / rising / below 0.05, with the
+    largest overfitting drop (0 when none overfit). ``df`` is a grid (with ``curve``, whatever its
+    other columns) or a ``status_table``; the groups keep their order of appearance."""
+    if "curve" not in df:  # already a status_table
+        st = df
+    else:
+        st = status_table(df)
+        for k in by:
+            if k not in st and k in df:
+                st[k] = df[k].values
+    by = [b for b in by if b in st]
+    st = st.assign(_overfit_drop=st["drop"].where(st.status == "overfit", 0.0),
+                   **{f"_{s}": (st.status == s).astype(int) for s in STATUSES}, _below=st["below"].astype(int))
+    g = st.groupby(by, sort=False)
+    out = pd.DataFrame({"runs": g.size(), **{s: g[f"_{s}"].sum() for s in STATUSES}, "below_0.05": g["_below"].sum(),
+                        "max_drop": g["_overfit_drop"].max()})
+    return out.reset_index()
+
+
+def status_line(counts: pd.DataFrame) -> str:
+    """One line per method for the notebooks: ``vanilla 6 runs: 5 flat, 1 overfit (max drop 0.03), ...``."""
+    parts = []
+    for _, d in counts.iterrows():
+        txt = f"{d.get('method', '')}: " + ", ".join(f"{d[s]} {s}" for s in STATUSES) + f" of {d['runs']}"
+        if d["overfit"]:
+            txt += f" (largest drop {d['max_drop']:.3f})"
+        if d["below_0.05"]:
+            txt += f", {d['below_0.05']} below {BELOW}"
+        parts.append(txt)
+    return "; ".join(parts)
+
+
+def stuck_runs(df: pd.DataFrame, threshold: float = BELOW) -> pd.DataFrame:
+    """Runs that ended below ``threshold`` Dice (never left the all-background trap, typically)."""
+    return df[df.dice < threshold][["source", "target", "method", "seed", "dice"]]
+
+
+
+# ----------------------------------------------------------------------------- the rule
+
+def family_settings(family: str) -> dict:
     if family not in FAMILIES:
         raise ValueError(f"unknown budget family {family!r}; choose one of {list(FAMILIES)}")
     return FAMILIES[family]
@@ -74,8 +173,8 @@ def _family(family: str) -> dict:
 
 def family_tasks(family: str, preset: str = "tutorial") -> tuple:
     """(dataset name, sources, targets) of a family's main-job grid."""
-    f = _family(family)
-    s, t = E.grid_tasks(f["dataset"], preset)
+    f = family_settings(family)
+    s, t = grid_tasks(f["dataset"], preset)
     return f["dataset"], list(f["sources"] or s), list(f["targets"] or t)
 
 
@@ -83,8 +182,8 @@ def budget_cfg(family: str, preset: str = "tutorial", factor: int = 1, lr: Optio
     """The fine-tuning settings of ``family`` at ``factor`` x its budget, resolved for its dataset:
     iterations and ``eval_every`` scaled, everything else (the decay's fraction included) kept.
     ``lr``: a candidate fine-tuning learning rate in place of the preset's (sources untouched)."""
-    f = _family(family)
-    cfg = E.get_preset(preset)
+    f = family_settings(family)
+    cfg = get_preset(preset)
     if f["sizes"] and cfg.get("fewshot"):
         cfg = {**cfg, **cfg["fewshot"]}
     cfg.pop("fewshot", None)
@@ -92,46 +191,10 @@ def budget_cfg(family: str, preset: str = "tutorial", factor: int = 1, lr: Optio
         if not float(lr) > 0:
             raise ValueError(f"candidate learning rate {lr!r} for {family}: give a positive number, e.g. 3e-3")
         cfg["lr"] = float(lr)
-    cfg = E.for_dataset(cfg, f["dataset"])
+    cfg = for_dataset(cfg, f["dataset"])
     cfg["iterations"] = int(cfg["iterations"])
     cfg["eval_every"] = int(cfg.get("eval_every") or cfg["iterations"])
-    return E.scale_budget(cfg, factor)
-
-
-def family_root(family: str, preset: str, data_dir):
-    """The data folder of a family's dataset (the phantom is written there when missing)."""
-    f = _family(family)
-    return E.resolve_datasets("phantom", data_dir, preset)[f["family"]][1]
-
-
-def check_sources(family: str, preset: str = "tutorial", data_dir="data", factor: int = 2, log=print,
-                  device="auto", root=None) -> pd.DataFrame:
-    """Each source of the family trained at T_s and ``factor`` x T_s (both cached): its held-out
-    Dice on its own task at each budget, its status, the change and the verdict."""
-    f = _family(family)
-    name, sources, _ = family_tasks(family, preset)
-    root = root if root is not None else family_root(family, preset, data_dir)
-    base = E.get_preset(preset)
-    t_s = E.source_iterations(base, name)
-    trained = {}
-    for tag, k in (("T", 1), ("2T", factor)):  # the missing ones side by side on a CPU (E.prepare_sources)
-        cfg = dict(base, source_iterations=k * t_s)
-        out = E.prepare_sources([(name, root, s) for s in sources], cfg, device=device, log=log)
-        trained.update({(tag, s): out[(name, s)] for s in sources})
-    rows = []
-    for source in sources:
-        row = {"family": family, "source": source, "iterations_T": t_s, "iterations_2T": factor * t_s}
-        for tag, k in (("T", 1), ("2T", factor)):
-            _, info = trained[(tag, source)]
-            st = E.run_status(info["curve"])
-            row.update({f"dice_{tag}": st["final"], f"status_{tag}": st["status"], f"drop_{tag}": st["drop"],
-                        f"seconds_{tag}": info.get("seconds")})
-            if log:
-                log(f"source {source} at {k * t_s} iterations: held-out Dice {st['final']:.3f} ({st['status']}; "
-                    f"{info['status']})")
-        row["floor"] = f["source_floor"]
-        rows.append(row)
-    return judge_sources(pd.DataFrame(rows))
+    return scale_budget(cfg, factor)
 
 
 def judge_sources(s: pd.DataFrame) -> pd.DataFrame:
@@ -145,64 +208,16 @@ def judge_sources(s: pd.DataFrame) -> pd.DataFrame:
     return s
 
 
-def carry_sources(family: str, preset: str = "tutorial", data_dir="data", check_folder=None, folder=None,
-                  log=print, root=None) -> list:
-    """Commit the family's sources (``sources.write_carried``, into ``results/sources/``): the
-    models trained at the preset's budget T_s, taken from this checkout's cache, once the committed
-    source check in ``check_folder`` (default ``CHECK_DIR``) accepts T_s under rule v2 and was made
-    at the preset's current T_s. Anything else is a one-line ``ValueError`` that says what to run.
-    A source whose carried file already has this identity is left as it is. Returns the ``.pt`` paths."""
-    name, sources, _ = family_tasks(family, preset)
-    root = root if root is not None else family_root(family, preset, data_dir)
-    cfg = E.get_preset(preset)
-    t_s = E.source_iterations(cfg, name)
-    chk = load_check(family, check_folder)["sources"]
-    cmd = f"python benchmarks/budget_check.py {family} --skip-grid"
-    if chk is None or int(chk.iterations_T.iloc[0]) != t_s:
-        raise ValueError(f"{family}: no source check at the preset's {t_s} iterations in "
-                         f"{check_folder or CHECK_DIR}; run `{cmd}` first")
-    if not bool(chk.ok.all()):
-        raise ValueError(f"{family}: the source check does not accept {t_s} iterations ({source_verdict_line(family, chk)}); "
-                         f"a source is carried only at an accepted budget")
-    out = []
-    for task in sources:
-        path, status, reason = E.source_choice(name, root, task, cfg)
-        if status == "carried":
-            log(f"{name} {task}: {reason}: unchanged")
-            out.append(path)
-            continue
-        if status != "cached":
-            raise ValueError(f"{name} {task} is not trained at {t_s} iterations in this checkout; run `{cmd}` first")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model = E.new_unet(name, cfg)
-        model.load_state_dict(state["state_dict"])
-        own = evaluate(model, E.load_task(name, root, task, "test", cfg), device="cpu")["dice"]
-        ident = S.source_identity(name, root, task, cfg)
-        pt, _ = S.write_carried(state, ident, own, folder, budget_check=f"results/calibration/{family}_sources_budget_check.csv")
-        log(f"{name} {task}: carried {pt} (own-task held-out Dice {own:.4f}, {t_s} iterations; was: {reason})")
-        out.append(pt)
-    return out
-
-
 def _summary(df: pd.DataFrame, by_size: bool) -> pd.DataFrame:
     """Per (size,) method: mean Dice, std over seeds, gain, status counts."""
     parts = []
     for n, d in (df.groupby("n_slices", sort=False) if by_size else [(None, df)]):
-        s = E.summarize(d)
-        c = E.status_counts(d).set_index("method")
+        s = summarize(d)
+        c = status_counts(d).set_index("method")
         t = s[["dice_mean", "dice_std", "gain_pct", "cells_won"]].join(c)
         t.insert(0, "n_slices", n)
         parts.append(t.reset_index().rename(columns={"index": "method"}))
     return pd.concat(parts, ignore_index=True)
-
-
-def _grid_worker(args) -> pd.DataFrame:
-    """One job of ``check_grid`` in a worker process: one source's cells at one budget and size."""
-    import torch
-
-    name, root, source, targets, methods, seeds, cfg, n, device, threads = args
-    torch.set_num_threads(threads)
-    return E.run_grid(name, root, [source], targets, methods, seeds, cfg, max_slices=n, device=device, log=None)
 
 
 def budget_multiple(family: str, preset: str, budget: Optional[int]) -> int:
@@ -220,7 +235,7 @@ def budget_multiple(family: str, preset: str, budget: Optional[int]) -> int:
 def check_methods(family: str, methods=None) -> list:
     """The methods a grid check runs: the family's own (None), or a subset of them with vanilla in it
     (the gains are over vanilla); anything else is a one-line error naming the choices."""
-    f = _family(family)
+    f = family_settings(family)
     methods = list(f["methods"]) if methods is None else list(methods)
     unknown = [m for m in methods if m not in f["methods"]]
     if unknown or "vanilla" not in methods:
@@ -232,101 +247,7 @@ def check_methods(family: str, methods=None) -> list:
 def is_partial(family: str, methods) -> bool:
     """Whether a check on ``methods`` (None: the family's own) leaves out some of the family's
     methods: a partial check, which can fail a budget and never accepts one."""
-    return methods is not None and set(methods) != set(_family(family)["methods"])
-
-
-def check_grid(family: str, preset: str = "tutorial", data_dir="data", seeds=(0, 1, 2), factor: int = 2, log=print,
-               device="auto", root=None, workers: Optional[int] = None, budget: Optional[int] = None,
-               lr: Optional[float] = None, methods=None, reuse_t: Optional[pd.DataFrame] = None) -> tuple:
-    """The family's main-job grid at T and ``factor`` x T. Returns ``(table, runs)``: ``compare``'s
-    table (both budgets side by side, the changes, the verdict) and every run (``budget`` "T" / "2T").
-    ``budget``: check a candidate T (a whole multiple of the preset's, ``budget_multiple``) instead
-    of the preset's own; ``lr`` a candidate fine-tuning learning rate; ``methods`` a subset of the
-    family's methods (a partial check: a method failing it fails the full check, passing it does not
-    pass the full check). ``reuse_t``: the runs of an earlier check (its ``_budget_runs.csv``) whose 2T
-    is this check's T, taken as this check's T runs instead of training them again (``reused_t_runs``:
-    same cells, methods, seeds, budget and source models, else a one-line ``ValueError``). On one
-    machine the same budget, seeds and sources give the same runs to the last bit, so a doubling
-    series (400, 800, 1600, ...) trains each budget once.
-
-    On the CPU with ``workers`` > 1 (default: one per core, at most 4) each (budget, size, source)
-    job runs in a worker process with ``cores // workers`` threads, the longest first (``make bench``'s
-    thread split: the tutorial's small U-Nets keep one thread busy better than two); the sources are
-    trained (or loaded) first, here. The same runs as one after another, up to float rounding (the
-    thread count changes the order of some sums)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    from .utils import get_device
-
-    f = _family(family)
-    name, sources, targets = family_tasks(family, preset)
-    root = root if root is not None else family_root(family, preset, data_dir)
-    workers, threads = E.cpu_workers(workers)
-    base = budget_multiple(family, preset, budget)
-    methods = check_methods(family, methods)
-    jobs = []  # (tag, factor, size, source, cfg)
-    for tag, k in (("T", base), ("2T", base * factor)):
-        cfg = budget_cfg(family, preset, k, lr=lr)
-        for n in f["sizes"] or [None]:
-            jobs += [(tag, k, n, s, cfg) for s in sources]
-    reused = None
-    if reuse_t is not None:
-        reused = reused_t_runs(reuse_t, family, preset, sources, methods, seeds, budget_cfg(family, preset, base, lr=lr),
-                               root)
-        jobs = [j for j in jobs if j[0] != "T"]
-    parallel = get_device(device).type == "cpu" and workers > 1 and len(jobs) > 1
-    if not parallel:
-        out = []
-        for tag, k, n, s, cfg in jobs:
-            if log:
-                log(f"{family} grid at {cfg['iterations']} iterations, source {s}" + (f", {n} slices" if n else ""))
-            out.append(E.run_grid(name, root, [s], targets, methods, seeds, cfg, max_slices=n, device=device,
-                                  log=log))
-    else:
-        E.prepare_sources([(name, root, s) for s in sources], budget_cfg(family, preset, 1), device=device, log=log)
-        if log:
-            log(f"{family} grid: {len(jobs)} jobs (budget x size x source), {workers} at a time with {threads} "
-                f"thread(s) each")
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # submitted longest first
-            futures = {i: pool.submit(_grid_worker, (name, root, s, targets, methods, seeds, cfg, n, "cpu", threads))
-                       for i, (_, k, n, s, cfg) in sorted(enumerate(jobs), key=lambda j: -j[1][1] * (j[1][2] or 10**6))}
-            out = [futures[i].result() for i in range(len(jobs))]
-    runs = pd.concat(([reused] if reused is not None else [])
-                     + [df.assign(budget=tag, family=family, n_slices=n) for df, (tag, _, n, _, _) in zip(out, jobs)],
-                     ignore_index=True)
-    table = compare(runs)
-    if is_partial(family, methods):  # a partial check never accepts a budget
-        table["accepted"] = False
-    return table, runs
-
-
-def reused_t_runs(prev: pd.DataFrame, family: str, preset: str, sources, methods, seeds, cfg: dict, root) -> pd.DataFrame:
-    """The 2T runs of an earlier check (``prev``) that are exactly this check's T runs: the same
-    iterations and learning rate, every (source, size, method, seed) present, each made with the
-    source model this checkout would load (``source_identity``). Relabelled ``budget="T"``. Anything
-    missing or different is a one-line ``ValueError`` that names it."""
-    f = _family(family)
-    its = int(cfg["iterations"])
-    p = prev[(prev.budget == "2T") & (prev.iterations == its)]
-    if p.empty:
-        raise ValueError(f"the runs to reuse hold no 2T runs at {its} iterations (this check's T); give the runs file "
-                         f"of the check at {its // 2} iterations")
-    name = f["dataset"]
-    want = {S.identity_hash(S.source_identity(name, root, s, E.get_preset(preset))) for s in sources}
-    if "source_identity" not in p or not set(p.source_identity) <= want:
-        raise ValueError("the runs to reuse were made with other source models than this checkout's (their "
-                         "source_identity differs, or is not recorded); run the check in full")
-    sizes = f["sizes"] or [None]
-    key = lambda df: set(zip(df.source, df.method, df.seed.astype(int),  # noqa: E731
-                             [None if pd.isna(v) else int(v) for v in df.n_slices]))
-    need = {(s, m, int(sd), n) for s in sources for m in methods for sd in seeds for n in sizes}
-    missing = need - key(p)
-    if missing:
-        raise ValueError(f"the runs to reuse lack {len(missing)} of this check's T runs, e.g. {sorted(missing, key=str)[0]}")
-    keep = [(s, m, int(sd), None if pd.isna(n) else int(n)) in need
-            for s, m, sd, n in zip(p.source, p.method, p.seed, p.n_slices)]
-    return p[keep].assign(budget="T")
+    return methods is not None and set(methods) != set(family_settings(family)["methods"])
 
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
@@ -369,16 +290,18 @@ def judge(t: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-def load_check(family: str, folder=None) -> dict:
+def load_check(family: str, folder=None, stem: Optional[str] = None) -> dict:
     """The committed check of ``family``: ``{"grid", "sources", "runs", "meta", "sources_meta"}`` (None
-    where missing), the grid and sources judged by the rule in force."""
+    where missing), the grid and sources judged by the rule in force. ``stem``: a candidate budget's
+    files (e.g. ``tumour_T1600``) instead of the preset's own (``<family>_budget_check.csv``)."""
     folder = Path(folder) if folder is not None else CHECK_DIR
+    stem = stem or family
     out = {}
-    for key, fname in (("grid", f"{family}_budget_check.csv"), ("sources", f"{family}_sources_budget_check.csv"),
-                       ("runs", f"{family}_budget_runs.csv")):
+    for key, fname in (("grid", f"{stem}_budget_check.csv"), ("sources", f"{stem}_sources_budget_check.csv"),
+                       ("runs", f"{stem}_budget_runs.csv")):
         p = folder / fname
         out[key] = pd.read_csv(p) if p.exists() else None
-    for key, fname in (("meta", f"{family}_budget_check.json"), ("sources_meta", f"{family}_sources_budget_check.json")):
+    for key, fname in (("meta", f"{stem}_budget_check.json"), ("sources_meta", f"{stem}_sources_budget_check.json")):
         p = folder / fname
         out[key] = json.loads(p.read_text()) if p.exists() else None
     if out["grid"] is not None:  # judged by the rule in force, whatever rule wrote its ok column
@@ -403,7 +326,10 @@ def doubling_series(family: str, folder=None) -> pd.DataFrame:
         stem = p.name[: -len("_budget_check.csv")]
         if not p.exists() or stem.endswith(("_sources", "_partial")) or "_lr" in stem:
             continue
-        parts.append(judge(pd.read_csv(p)).assign(check=p.name))
+        t = judge(pd.read_csv(p)).assign(check=p.name)
+        if family in FAMILIES and is_partial(family, t.method.unique()):  # as load_check reads it
+            t["accepted"] = False
+        parts.append(t)
     if not parts:
         return pd.DataFrame()
     out = pd.concat(parts, ignore_index=True).sort_values(["iterations_T", "n_slices", "method"], kind="stable")
@@ -425,6 +351,19 @@ def gain_by_budget(series: pd.DataFrame, method: str = "trm") -> pd.DataFrame:
             rows.append({"n_slices": None if n == -1 else int(n), "iterations": int(last.iterations_2T),
                          "gain_pct": last.gain_pct_2T, "check": last.check})
     return pd.DataFrame(rows, columns=["n_slices", "iterations", "gain_pct", "check"])
+
+
+def series_choice(family: str, folder=None) -> Optional[str]:
+    """Which check of ``family``'s doubling series a notebook shows: the lowest budget rule v2
+    accepts, else the longest budget checked (still learning); its file stem (``tumour`` or
+    ``tumour_T1600``), or None when nothing is committed."""
+    series = doubling_series(family, folder)
+    if series.empty:
+        return None
+    checks = series.drop_duplicates("check").sort_values("iterations_T")
+    ok = checks[checks.accepted]
+    pick = (ok if not ok.empty else checks.iloc[::-1]).iloc[0]
+    return pick.check[: -len("_budget_check.csv")]
 
 
 LABELS = {"vanilla": "vanilla", "class_weight": "class weight", "trs_map": "Trs map", "trm": "TRM",
@@ -498,11 +437,16 @@ def _sources_used(meta: dict) -> str:
     return "  source models: " + "; ".join(f"{s}: {why}" for s, why in used.items())
 
 
-def verdict_text(family: str, folder=None, preset: Optional[str] = "tutorial") -> str:
+def verdict_text(family: str, folder=None, preset: Optional[str] = "tutorial", stem: Optional[str] = None) -> str:
     """A few lines for a notebook or a log: the grid check's verdict (rule v2), which source models
     it ran with, where and when it was measured; the same for the source check; a STALE line where
-    a check was made at other budgets than the preset's; the commands that reproduce them."""
-    chk = load_check(family, folder)
+    a check was made at other budgets than the preset's; the commands that reproduce them. ``stem``:
+    a candidate budget's check (``load_check``) instead of the preset's own."""
+    chk = load_check(family, folder, stem)
+    candidate = stem not in (None, family)
+    if candidate:  # the family's own source check still applies
+        own = load_check(family, folder)
+        chk["sources"], chk["sources_meta"] = own["sources"], own["sources_meta"]
     cmd = f"python benchmarks/budget_check.py {family}"
     if chk["grid"] is None and chk["sources"] is None:
         return f"{family}: no budget check committed; run `{cmd}` (the tables below are unchecked)"
@@ -512,16 +456,20 @@ def verdict_text(family: str, folder=None, preset: Optional[str] = "tutorial") -
     preset = meta.get("preset", smeta.get("preset", preset))
     if g is not None:
         lines += grid_verdict_lines(family, g)
-        if preset is not None:
+        grid_cmd = f"{cmd} --budget {int(g.iterations_T.iloc[0])}" if candidate else cmd
+        if candidate:
+            lines.append(f"  a candidate budget: the preset's fine-tuning budget is "
+                         f"{budget_cfg(family, preset or 'tutorial', 1)['iterations']} iterations")
+        elif preset is not None:
             now = budget_cfg(family, preset, 1)["iterations"]
             if now != int(g.iterations_T.iloc[0]):
                 lines.append(f"  STALE: the preset now uses {now} iterations; rerun `{cmd} --skip-sources`")
         if meta:
-            lines += [_sources_used(meta), _measured(meta, f"{cmd} --skip-sources") + f", seeds {meta.get('seeds')}"]
+            lines += [_sources_used(meta), _measured(meta, f"{grid_cmd} --skip-sources") + f", seeds {meta.get('seeds')}"]
     if s is not None:
         lines.append(source_verdict_line(family, s))
         if preset is not None:
-            now = E.source_iterations(E.get_preset(preset), _family(family)["dataset"])
+            now = source_iterations(get_preset(preset), family_settings(family)["dataset"])
             if now != int(s.iterations_T.iloc[0]):
                 lines.append(f"  STALE: the preset's sources now train for {now} iterations; rerun `{cmd} --skip-grid`")
         if smeta:

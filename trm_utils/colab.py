@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from jupytext.cli import jupytext as jupytext_cli
+
 from .utils import REPO_ROOT, atomic_write_text
 
 PYPROJECT = REPO_ROOT / "pyproject.toml"
@@ -62,8 +64,6 @@ def apply(slug: str = None, folder: Path = NOTEBOOKS, sync: bool = True) -> list
             atomic_write_text(py, new)
             changed.append(py.name)
         if sync and new != old:  # jupytext's own sync: cell ids and metadata of the pair are kept
-            from jupytext.cli import jupytext as jupytext_cli
-
             jupytext_cli(["--sync", "--quiet", str(py)])
     return changed
 

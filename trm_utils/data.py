@@ -12,6 +12,8 @@ Command line: ``python -m trm_utils.data phantom [ROOT]`` and ``python -m trm_ut
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 from . import phantom as ph
@@ -42,9 +44,6 @@ def make_phantom(kind: str, root=None, seed: int = 0, preset: str = "tutorial", 
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(prog="python -m trm_utils.data", description="phantom writer and dataset checks")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("phantom", help="write the embedded phantom (both kinds) under ROOT")

@@ -24,6 +24,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import budget as B
+from . import tables as TB
+from .leep import leep, pixel_leep
+from .losses import method_loss, weighted_cross_entropy
+from .maps import dataset_transferability_map, hardness, risk_map
+from .report import TIE
+
 NOT_ATTEMPTED, CORRECT, INCORRECT = "not attempted", "correct", "incorrect"
 
 
@@ -147,8 +154,6 @@ def _toy_conditional():
 
 
 def _toy_leep():
-    from .leep import leep
-
     return leep(TOY_THETA, TOY_Y)
 
 
@@ -158,14 +163,10 @@ TOY_LABELS = [[[0, 1]], [[0, 0]], [[0, 1]]]
 
 
 def _toy_pixel_leep():
-    from .leep import pixel_leep
-
     return pixel_leep(torch.tensor(TOY_PROBS, dtype=torch.float64), torch.tensor(TOY_LABELS))
 
 
 def _toy_dataset_map():
-    from .maps import dataset_transferability_map
-
     return dataset_transferability_map(torch.tensor(TOY_PROBS, dtype=torch.float64), torch.tensor(TOY_LABELS))
 
 
@@ -174,14 +175,10 @@ TOY_T = [[-0.1, -0.4], [-0.9, -0.3]]
 
 
 def _toy_hardness():
-    from .maps import hardness
-
     return hardness(torch.tensor(TOY_T))
 
 
 def _toy_risk():
-    from .maps import risk_map
-
     return float(risk_map(torch.tensor(TOY_T), base=10.0)[0, 1])
 
 
@@ -192,8 +189,6 @@ TOY_R = [1.0, 10.0, 3.0, 2.0]
 
 
 def _toy_trm_loss():
-    from .losses import weighted_cross_entropy
-
     ce, lab = torch.tensor(TOY_CE, dtype=torch.float64), torch.tensor(TOY_LAB)
     # two-class logits whose cross-entropy at each pixel is TOY_CE: 0 for the pixel's label, and c for the
     # other class with log(1 + e^c) = CE, i.e. c = log(e^CE - 1)
@@ -204,8 +199,6 @@ def _toy_trm_loss():
 
 
 def _trs_weight():
-    from .losses import method_loss
-
     # [22]'s weight at an entry T = -0.3: read it off method_loss on one pixel with CE 1 (a uniform 2-class logit
     # gives CE log 2), normalised by the single pixel
     logits = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
@@ -232,9 +225,7 @@ TOY_CURVE = [(50, 0.60), (100, 0.70), (150, 0.76), (200, 0.78), (250, 0.75), (30
 
 
 def _toy_status():
-    from .experiments import run_status
-
-    return run_status(TOY_CURVE)["status"]
+    return B.run_status(TOY_CURVE)["status"]
 
 
 #: notebook 07: per-cell Dice differences (TRM - vanilla) over a grid of 8 cells
@@ -242,16 +233,12 @@ TOY_DIFFS = [0.012, -0.004, 0.0005, 0.020, -0.0008, 0.003, -0.015, 0.0]
 
 
 def _toy_wins():
-    from .report import TIE
-
     d = np.asarray(TOY_DIFFS)
     return (int((d > TIE).sum()), int((np.abs(d) <= TIE).sum()), int((d < -TIE).sum()))
 
 
 def _paper_gain_table1():
-    from .experiments import paper_gains
-
-    return float(paper_gains("iseg2019").loc["ours", "gain_pct"])
+    return float(TB.paper_gains("iseg2019").loc["ours", "gain_pct"])
 
 
 # ----------------------------------------------------------------------------- per notebook
@@ -336,7 +323,7 @@ nb06 = SimpleNamespace(
                 "Smooth the Dice by a running mean over 3 evaluations. Rising: the smoothed end exceeds the smoothed value "
                 "at the start of the last third (the first evaluation at or after 2/3 of 400) by more than 0.01. Else "
                 "overfit: the smoothed maximum exceeds the smoothed end by more than 0.02. Else flat.",
-                "answer = E.run_status(TOY_CURVE)['status']   # smoothed: max 0.763 (at 250), 0.757 at 300, end 0.742: "
+                "answer = B.run_status(TOY_CURVE)['status']   # smoothed: max 0.763 (at 250), 0.757 at 300, end 0.742: "
                 "no rise, drop 0.022 > 0.02 -> 'overfit'"),
 )
 
@@ -349,23 +336,19 @@ nb07 = SimpleNamespace(
                 "over vanilla in percent, over all table cells (not the 'average' rows).", _paper_gain_table1,
                 _number(rtol=1e-3, atol=1e-3),
                 "Average the Dice of each method over all source-target cells, then 100 x (ours - vanilla) / vanilla.",
-                "t = E.paper_table('iseg2019'); t = t[t.source != 'average']\n"
+                "t = TB.paper_table('iseg2019'); t = t[t.source != 'average']\n"
                 "m = t.groupby('method').dice.mean()\nanswer = 100 * (m['ours'] - m['vanilla']) / m['vanilla']   # about 1.8"),
 )
 
 #: what every solution's code may use (the notebooks import the same names)
-SOLUTION_NAMESPACE = ("np", "torch", "math", "leep", "dataset_transferability_map", "E", "TOY_THETA", "TOY_Y", "TOY_PROBS",
+SOLUTION_NAMESPACE = ("np", "torch", "math", "leep", "dataset_transferability_map", "B", "TB", "TOY_THETA", "TOY_Y", "TOY_PROBS",
                       "TOY_LABELS", "TOY_T", "TOY_CE", "TOY_LAB", "TOY_R", "FEW_VANILLA", "FEW_TRM", "TOY_CURVE", "TOY_DIFFS")
 
 
 def solution_namespace() -> dict:
     """The names a solution's code runs with (``exec(solution_text, solution_namespace())``)."""
-    from . import experiments as E
-    from .leep import leep
-    from .maps import dataset_transferability_map
-
     ns = {"np": np, "torch": torch, "math": math, "leep": leep, "dataset_transferability_map": dataset_transferability_map,
-          "E": E}
+          "B": B, "TB": TB}
     ns.update({k: globals()[k] for k in SOLUTION_NAMESPACE if k in globals()})
     return ns
 

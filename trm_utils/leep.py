@@ -245,11 +245,3 @@ def pixel_leep(probs, labels, mask=None, num_target_classes: Optional[int] = Non
     est.score_update(probs_t, labels_t, mask)
     return est.score()
 
-
-def __getattr__(name):
-    # ``transferability_map`` moved to ``maps`` with the other map computations; still importable from here
-    if name == "transferability_map":
-        from .maps import transferability_map
-
-        return transferability_map
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

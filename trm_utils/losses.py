@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .maps import risk_from_hardness
+from .maps import check_reading, risk_from_hardness
 
 NORMALIZERS = ("pixels", "foreground", "weights")
 
@@ -170,8 +170,6 @@ def get_method(method: str) -> LossMethod:
 def check_method_reading(method: str, reading: str) -> None:
     """Refuse a reading a method cannot use: ``trs_map``'s exp(-T) is defined on the dataset-level
     map only (module docstring); methods without a map accept either (it is not used)."""
-    from .maps import check_reading
-
     check_reading(reading)
     if get_method(method).weight == "exp_neg_t" and reading != "dataset":
         raise ValueError(f"method {method!r} weighs pixels by exp(-T) of the dataset-level map ([22]); a per-image "

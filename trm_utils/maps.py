@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from .leep import LOG_EPS, PixelLEEP, _check_pixel_inputs, _to_tensor, _tmap
+from .predict import infer_num_classes, predict_probs, stack_data
+from .utils import get_device
 
 #: The two readings of eq. 4; the first is the default.
 READINGS = ("dataset", "image")
@@ -311,14 +313,11 @@ def transferability_maps(model, data, readings: Iterable[str] = READINGS, patch:
         ``{"tmap": N x H x W, "hardness": N x H x W (each image normalised on its own)}``, all on
         the CPU. ``loss_maps(result, reading)`` turns one reading into what a loss reads.
     """
-    from .train import _num_classes, predict_probs, stack_data
-    from .utils import get_device
-
     readings = tuple(dict.fromkeys(check_reading(r) for r in readings))
     k = _check_patch(patch)
     device = get_device(device)
     images, labels = stack_data(data)
-    c_t = _num_classes(data, labels, num_target_classes)
+    c_t = infer_num_classes(data, labels, num_target_classes)
     model = model.to(device)
     glob = patches = None
     for sl, probs in predict_probs(model, images, batch_size, device):
@@ -346,20 +345,6 @@ def transferability_maps(model, data, readings: Iterable[str] = READINGS, patch:
     return out
 
 
-@torch.no_grad()
-def transferability(model, data, num_target_classes: Optional[int] = None, batch_size: int = 32, device="auto",
-                    mask=None) -> dict:
-    """Pixel-LEEP of ``model`` (as the source) on the target ``data`` and its per-image maps.
-
-    The per-image reading only (``transferability_maps`` gives both). Returns ``score`` (float,
-    eq. 3), ``tmap`` (N x H x W, eq. 4 per image, on the CPU), ``hardness`` (N x H x W, eq. 5) and
-    ``conditional`` (C_t x C_s).
-    """
-    r = transferability_maps(model, data, ("image",), 1, num_target_classes, batch_size, device, mask)
-    return {"score": r["score"], "tmap": r["image"]["tmap"], "hardness": r["image"]["hardness"],
-            "conditional": r["conditional"]}
-
-
 def loss_maps(maps: dict, reading: str) -> LossMaps:
     """One reading of ``transferability_maps``'s result, as the losses read it."""
     check_reading(reading)
@@ -368,6 +353,22 @@ def loss_maps(maps: dict, reading: str) -> LossMaps:
                          f"compute them with readings=({reading!r},)")
     r = maps[reading]
     return LossMaps(reading, r["tmap"], r["hardness"], maps["n"])
+
+
+def prepare_loss_maps(maps, model, images, labels, c_t, reading, patch, device) -> LossMaps:
+    """``maps`` as a ``LossMaps`` of ``reading`` on the device: given (a ``LossMaps`` or
+    ``maps.transferability_maps``'s result) or, when None, computed with ``model`` as the source."""
+    if maps is None:
+        maps = transferability_maps(model, (images, labels), (reading,), patch, c_t, device=device)
+    if not isinstance(maps, LossMaps):
+        maps = loss_maps(maps, reading)
+    if maps.reading != reading:
+        raise ValueError(f"maps of the {maps.reading!r} reading given for a run that reads {reading!r}")
+    want = tuple(labels.shape[1:]) if reading == "dataset" else tuple(labels.shape)
+    if tuple(maps.tmap.shape) != want:
+        raise ValueError(f"{reading} maps have shape {tuple(maps.tmap.shape)} but the training labels "
+                         f"{tuple(labels.shape)}; compute them on the same slices")
+    return maps.to(device)
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -2,6 +2,7 @@
 save figures and tables into the run's output folder (so headless runs leave results)."""
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import experiments as E
+from . import tables as TB
+from . import presets as P
 from .utils import atomic_write_bytes, atomic_write_json, get_device, resolve_path, seed_everything
 
 
@@ -46,13 +49,11 @@ class Context:
         """{family: (dataset name, root, sources, targets)} from the notebooks' task-list
         parameters (None: the preset's grid; ``all_targets``: every task as a target)."""
         lists = {"tissue": (tissue_sources, tissue_targets), "tumour": (tumour_sources, tumour_targets)}
-        return {fam: (name, root, *E.family_tasks(name, self.preset, *lists[fam], all_targets=all_targets))
+        return {fam: (name, root, *P.family_tasks(name, self.preset, *lists[fam], all_targets=all_targets))
                 for fam, (name, root) in self.data.items()}
 
     def save_fig(self, fig, name: str, dpi: int = 110) -> Path:
         """Save ``fig`` as PNG in the output folder (written atomically)."""
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
         path = atomic_write_bytes(self.out_dir / f"{name}.png", buf.getvalue())
@@ -60,7 +61,7 @@ class Context:
         return path
 
     def save_table(self, df: pd.DataFrame, name: str, index: bool = False) -> Path:
-        path = E.write_csv(df.reset_index() if index else df, self.out_dir / f"{name}.csv")
+        path = TB.write_csv(df.reset_index() if index else df, self.out_dir / f"{name}.csv")
         self.saved.append(path.name)
         return path
 
@@ -79,7 +80,7 @@ def setup(dataset="phantom", data_dir="data", output_dir="runs/notebook", preset
     train the source models here instead of loading the carried ones (``Context.source``)."""
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed, e.g. seeds = [0]")
-    cfg = E.get_preset(preset, iterations=iterations, **overrides)
+    cfg = P.get_preset(preset, iterations=iterations, **overrides)
     dev = get_device(device)
     seed_everything(int(seed))
     out = resolve_path(output_dir)

@@ -150,7 +150,7 @@ class PhantomConfig:
 
 def _template_files() -> dict:
     try:
-        import nilearn
+        import nilearn  # here, not at the top: a missing nilearn is one clear PhantomError, not an ImportError
     except ImportError as exc:  # pragma: no cover - a dependency
         raise PhantomError("the phantom needs nilearn (it ships the MNI152 template): pip install nilearn") from exc
     d = Path(nilearn.__file__).parent / "datasets" / "data"

@@ -14,7 +14,7 @@ reported, per study:
   the paper's gain beside;
 - TRM against each baseline over cells: win / tie / loss counts (a tie is |difference| <=
   ``TIE`` Dice) and the paired Wilcoxon signed-rank test of the cell means;
-- each run's status (``experiments.run_status``: flat / overfit / rising on the held-out curve
+- each run's status (``budget.run_status``: flat / overfit / rising on the held-out curve
   smoothed over 3 evaluations) and the runs ending below Dice 0.05, counted per method: a number
   from runs still rising says how fast a method learns, not where it ends;
 - the budget check (``budget.compare``, the finished-learning rule v2): on each table's sample of
@@ -32,13 +32,20 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from scipy.stats import kendalltau, wilcoxon
 
-from . import experiments as E
+from . import budget as B
+from . import presets as P
+from . import tables as TB
 from .utils import atomic_write_bytes, atomic_write_text, resolve_path
 
 #: The paper's method names (reference/*.csv) -> ours.
@@ -124,7 +131,7 @@ def paper_grid(study: str, name: str) -> pd.DataFrame:
     which = PAPER_FILE.get((study, name))
     if which is None:
         return pd.DataFrame(columns=["target", "source", "method", "dice"])
-    t = E.paper_table(which).copy()
+    t = TB.paper_table(which).copy()
     t["method"] = t.method.map(PAPER_METHODS)
     if study == "table3":
         t["source"] = "CSF-T1"
@@ -179,7 +186,7 @@ def grid_table(runs: pd.DataFrame, study: str, sizes_map: dict | None = None) ->
     for m in methods:
         cols += [c for c in (m, f"{m}_std", f"paper_{m}") if c in table]
     table = table[cols + [c for c in table.columns if c not in cols]]
-    order = {t: i for i, t in enumerate(E.PAPER_TASKS.get(name, []))}
+    order = {t: i for i, t in enumerate(P.PAPER_TASKS.get(name, []))}
     table["_t"] = table.target.map(lambda t: order.get(t, 99))
     table["_s"] = table.source.map(lambda s: 100 if s == "average" else order.get(s, 99))
     if study == "table3":
@@ -211,8 +218,6 @@ def bootstrap_gain(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int =
 
 def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float:
     """Two-sided paired Wilcoxon signed-rank p over cells; NaN with fewer than 3 cells or no difference."""
-    from scipy.stats import wilcoxon
-
     d = np.asarray(x) - np.asarray(y)
     if len(d) < 3 or np.allclose(d, 0):
         return float("nan")
@@ -282,17 +287,15 @@ def fewshot_gains(runs: pd.DataFrame, sizes_map: dict, n_boot: int = 2000) -> pd
 
 
 def status_counts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per study, dataset and method: runs, how many are flat / overfit / rising (``experiments.run_status``),
+    """Per study, dataset and method: runs, how many are flat / overfit / rising (``budget.run_status``),
     how many ended below Dice 0.05, and the largest overfitting drop (per dataset because a study such
     as the ablations spans the tissue and the tumour families)."""
-    return E.status_counts(runs, by=("study", "dataset", "method"))
+    return B.status_counts(runs, by=("study", "dataset", "method"))
 
 
 def source_ranking(runs: pd.DataFrame, method: str = "vanilla") -> pd.DataFrame:
     """Per target: Kendall's tau between the sources' pixel-LEEP and the Dice fine-tuning from
     them reached with ``method`` (mean over seeds). NaN where a target has fewer than 3 sources."""
-    from scipy.stats import kendalltau
-
     rows = []
     r = runs[runs.method == method]
     for t, g in r.groupby("target", sort=False):
@@ -311,8 +314,6 @@ def budget_check(runs: pd.DataFrame, checks: pd.DataFrame, planned: Optional[lis
     ``source_dice``, where recorded) are compared: a cell whose 2T unit ran with a retrained source
     (``provenance``) compares unlike with unlike and is left out, named in ``unlike``. ``accepted``
     needs every planned cell (an incomplete check accepts nothing)."""
-    from . import budget as B
-
     none_run = checks is None or checks.empty
     if none_run and not planned:
         return None
@@ -345,8 +346,6 @@ def budget_check(runs: pd.DataFrame, checks: pd.DataFrame, planned: Optional[lis
 
 def check_label(chk: Optional[dict]) -> str:
     """The label a table's numbers carry: ``budget checked`` or ``EARLY-BUDGET (...)`` with the figures."""
-    from . import budget as B
-
     if chk is None:
         return "EARLY-BUDGET (unchecked: no budget-check units in this sweep)"
     if chk["table"] is None:
@@ -396,13 +395,13 @@ def paper_trm_gain(s: dict) -> float:
 
 def gain_by_iteration(runs: pd.DataFrame, start_fraction: float = 0.25) -> pd.DataFrame:
     """Each method's mean held-out Dice and relative gain over vanilla read at every evaluation
-    from ``start_fraction`` of the budget to its end (``experiments.dice_at`` on the stored curves:
+    from ``start_fraction`` of the budget to its end (``tables.dice_at`` on the stored curves:
     the same runs, read early). One row per (method, iteration); the last is the table's number."""
     last = int(runs.iterations.max())
     its = sorted({int(i) for c in runs.curve for i, _ in json.loads(c) if int(i) >= start_fraction * last})
     rows = []
     for it in its:
-        g = E.dice_at(runs, it).groupby("method", sort=False).dice.mean()
+        g = TB.dice_at(runs, it).groupby("method", sort=False).dice.mean()
         for m, d in g.items():
             rows.append({"method": m, "iteration": it, "dice_mean": float(d),
                          "gain_pct": 100 * (d - g["vanilla"]) / g["vanilla"] if "vanilla" in g else np.nan})
@@ -416,8 +415,6 @@ def gain_by_iteration_figure(studies: dict):
     frame): each method's gain over vanilla (%) against the iteration at which the runs are read;
     the paper's TRM gain dashed. A gain that shrinks towards the end is one of learning speed; a
     stable one, of where runs end."""
-    import matplotlib.pyplot as plt
-
     curves = {k: s["gain_by_iteration"] for k, s in studies.items() if len(s.get("gain_by_iteration", []))}
     keys = sorted(curves)
     # one colour per method in every panel (Table III has fewer methods than Tables I and II)
@@ -443,15 +440,10 @@ def gain_by_iteration_figure(studies: dict):
 def grid_heatmaps(runs: pd.DataFrame, study: str, title: str = ""):
     """One panel per method of the grid's Dice (target rows, source columns), and one of TRM's
     relative gain over vanilla per cell (the paper's gain beside, where it has the grid)."""
-    import warnings
-
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)  # the empty diagonal
     methods = list(dict.fromkeys(runs.method))
     name = runs.dataset.iloc[0]
-    order = [t for t in E.PAPER_TASKS.get(name, []) if t in set(runs.target) | set(runs.source)]
+    order = [t for t in P.PAPER_TASKS.get(name, []) if t in set(runs.target) | set(runs.source)]
     mats = {m: runs[runs.method == m].pivot_table(index="target", columns="source", values="dice")
             .reindex(index=[t for t in order if t in set(runs.target)], columns=[s for s in order if s in set(runs.source)])
             for m in methods}
@@ -495,9 +487,6 @@ def grid_heatmaps(runs: pd.DataFrame, study: str, title: str = ""):
 
 
 def fewshot_figure(runs: pd.DataFrame):
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     per_seed = runs.groupby(["n_slices", "method", "seed"]).dice.mean().reset_index()
     per_seed["n_slices"] = per_seed.n_slices.astype(int)  # a float column where other studies left NaN
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -514,8 +503,6 @@ def ablation_figure(gains: pd.DataFrame, title: str = "Ablations"):
     """Each variant's relative gain over vanilla (%) with its bootstrap 95 % interval, one bar per
     variant (``gains`` as ``gains_table`` gives it): which part of TRM carries its effect, and
     whether the base matters. A grid of 2 cells says little as a heatmap."""
-    import matplotlib.pyplot as plt
-
     g = gains.reset_index()
     g = g[g.method != "vanilla"].iloc[::-1]
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(g) + 1.2))
@@ -620,7 +607,7 @@ def headline(rep: dict) -> list:
             continue
         t = g.loc["trm"]
         line = f"{key}" + (f" [{s['label']}]" if "label" in s else "") + ":"
-        for m, what in (("trm", "TRM (dataset-level map)"), (E.IMAGE_READING, f"TRM on per-image maps ({E.IMAGE_READING})")):
+        for m, what in (("trm", "TRM (dataset-level map)"), (P.IMAGE_READING, f"TRM on per-image maps ({P.IMAGE_READING})")):
             if m not in g.index:  # both readings of eq. 4, side by side
                 continue
             v = g.loc[m]
@@ -678,8 +665,8 @@ def report_text(rep: dict) -> str:
     if "status" in rep:
         lines += ["## Did the runs finish learning? (each run's status)", "",
                   "Each held-out curve is smoothed by a running mean over 3 evaluations: `rising` when the smoothed "
-                  f"end is more than {E.RISING_TOL} above the smoothed start of the last third, `overfit` when the smoothed "
-                  f"maximum is more than {E.OVERFIT_TOL} above the smoothed end (finished learning; `max_drop` is the "
+                  f"end is more than {B.RISING_TOL} above the smoothed start of the last third, `overfit` when the smoothed "
+                  f"maximum is more than {B.OVERFIT_TOL} above the smoothed end (finished learning; `max_drop` is the "
                   "largest such drop), `flat` otherwise. A gain from rising runs is a statement about how fast the "
                   "methods learn, not where they end.", "", markdown(rep["status"]), ""]
     if "check_status" in rep:
@@ -713,27 +700,23 @@ def _save_fig(fig, path: Path) -> Path:
 
 def write_report(out, n_boot: int = 2000, dest=None) -> list:
     """Write ``dest`` (default ``OUT/report/``): report.md, one CSV per table, heatmaps. Returns the files."""
-    import matplotlib
-
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     out = resolve_path(out)
     rep = build_report(out, n_boot)
     d = resolve_path(dest) if dest is not None else out / "report"
     files = [atomic_write_text(d / "report.md", report_text(rep))]
-    files.append(E.write_csv(rep["units"].drop(columns=["dir"]), d / "units.csv"))
+    files.append(TB.write_csv(rep["units"].drop(columns=["dir"]), d / "units.csv"))
     if "status" in rep:
-        files.append(E.write_csv(rep["status"], d / "status.csv"))
+        files.append(TB.write_csv(rep["status"], d / "status.csv"))
     for key, s in rep["studies"].items():
-        files.append(E.write_csv(s["grid"], d / f"{key}_grid.csv"))
-        files.append(E.write_csv(s["gains"].reset_index(), d / f"{key}_gains.csv"))
+        files.append(TB.write_csv(s["grid"], d / f"{key}_grid.csv"))
+        files.append(TB.write_csv(s["gains"].reset_index(), d / f"{key}_gains.csv"))
         if s.get("budget_check") is not None and s["budget_check"]["table"] is not None:
-            files.append(E.write_csv(s["budget_check"]["table"], d / f"{key}_budget_check.csv"))
+            files.append(TB.write_csv(s["budget_check"]["table"], d / f"{key}_budget_check.csv"))
         if "gain_by_iteration" in s:
-            files.append(E.write_csv(s["gain_by_iteration"], d / f"{key}_gain_by_iteration.csv"))
+            files.append(TB.write_csv(s["gain_by_iteration"], d / f"{key}_gain_by_iteration.csv"))
         if "ranking" in s:
-            files.append(E.write_csv(s["ranking"], d / f"{key}_ranking.csv"))
+            files.append(TB.write_csv(s["ranking"], d / f"{key}_ranking.csv"))
         fig = study_figure(s)
         files.append(_save_fig(fig, d / f"{key}_heatmap.png"))
         plt.close(fig)

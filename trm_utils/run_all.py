@@ -40,13 +40,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+import jupytext
+import nbformat
 import pandas as pd
 import papermill as pm
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, papermill_engines
 from papermill.exceptions import strip_color
 from papermill.log import logger as pm_logger
+from traitlets.config import Config
 
+from . import budget as B
 from .utils import REPO_ROOT, atomic_write_json, atomic_write_text
 
 NOTEBOOKS = ["01_leep", "02_pixel_leep", "03_risk_maps", "04_weighted_finetuning", "05_few_shot", "06_transfer_cell",
@@ -124,8 +128,6 @@ def notebook_stamp(nb: str, params: dict, nb_dir=None) -> str:
 def sync_from_py(nb: str, nb_dir=None, log=print) -> bool:
     """Regenerate ``nb``.ipynb from its ``.py`` (the edited source) when their cells differ, as
     ``make sync-notebooks`` does, so that the notebook executed is the one the stamp describes."""
-    import jupytext
-    import nbformat
 
     nb_dir = Path(nb_dir or REPO_ROOT / "notebooks")
     py, ipynb = nb_dir / f"{nb}.py", nb_dir / f"{nb}.ipynb"
@@ -142,11 +144,9 @@ def sync_from_py(nb: str, nb_dir=None, log=print) -> bool:
 
 def kernel_config():
     """Kernel-manager settings: CurveZMQ transport encryption where pyzmq has it."""
-    from traitlets.config import Config
-
     cfg = Config()
     try:
-        import zmq
+        import zmq  # optional: pyzmq is installed with Jupyter, CurveZMQ support is not always
 
         if zmq.has("curve"):
             cfg.KernelManager.transport_encryption = "auto"
@@ -356,9 +356,6 @@ def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, l
 def summary_text(out: Path) -> str:
     """The per-method summary of notebook 04 (and the few-shot gains of notebook 05), each run's status
     and the committed budget checks' verdicts."""
-    from . import budget as B
-    from .experiments import status_counts, status_line
-
     lines = []
     d4 = out / "04_weighted_finetuning"
     for f in sorted(d4.glob("summary_*.csv")):
@@ -370,7 +367,7 @@ def summary_text(out: Path) -> str:
             lines.append(f"  {m:<15}{r.dice_mean:>8.4f}{r.dice_std:>9.4f}{r.gain_pct:>+16.2f}%{int(r.cells_won):>11}")
     for f in sorted(d4.glob("status_*.csv")) + sorted((out / "05_few_shot").glob("fewshot_status.csv")):
         st = pd.read_csv(f)
-        lines.append(f"{f.stem.replace('status_', '')}: run status: " + status_line(status_counts(st)))
+        lines.append(f"{f.stem.replace('status_', '')}: run status: " + B.status_line(B.status_counts(st)))
     f5 = out / "05_few_shot" / "fewshot_summary.csv"
     if f5.exists():
         s = pd.read_csv(f5)

@@ -54,7 +54,7 @@ def _per_dataset(cfg: dict, key: str, name: str, default=None):
 
 def source_identity(name: str, root, task: str, cfg: dict, seed: int = 0, memo_dir=None) -> dict:
     """What decides a source model's weights (module docstring); ``cfg`` is a preset
-    (``experiments.get_preset``), per-dataset keys resolved here for dataset ``name``."""
+    (``presets.get_preset``), per-dataset keys resolved here for dataset ``name``."""
     its = int(_per_dataset(cfg, "source_iterations", name))
     return {
         "format": IDENTITY_FORMAT,

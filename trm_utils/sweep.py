@@ -22,7 +22,7 @@ Layout of a sweep folder ``OUT``::
 
 **The budget check** (the finished-learning rule, ``budget.py``): every sweep of Tables I-III also
 runs a sample of each table's cells at ``CHECK_FACTOR`` (2) x the budget, with the same schedule
-shape (``experiments.scale_budget``), as units of their own (``<unit>-x2``). The sample is fixed by a rule that
+shape (``presets.scale_budget``), as units of their own (``<unit>-x2``). The sample is fixed by a rule that
 never looks at results (``check_sample``: every cell of the table's first target, of its first
 two for Table III) and is written into ``sweep.json``; the report compares each method's mean Dice
 and gain over vanilla on those cells at T and 2T and labels a table whose check fails
@@ -46,14 +46,20 @@ import os
 import shutil
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from . import experiments as E
-from .datasets import content_signature
-from .utils import REPO_ROOT, atomic_write_json, machine_info, resolve_path
+from . import presets as P
+from .batched import finetune_cell
+from .datasets import DataError, content_signature, open_dataset
+from .report import write_report
+from .units import (HASH_FORMAT, SweepError, default_workers, run_local, run_submitit, slurm_executor, unit_parameters,
+                    unit_spec, unit_status)
+from .utils import REPO_ROOT, atomic_write_json, get_device, resolve_path
 
 STUDIES = ("table1", "table2", "table3", "ablations")
 DATASETS = ("phantom", "iseg2019", "fets2021", "msd")
@@ -66,32 +72,24 @@ FEWSHOT_SOURCE = {"iseg2019": "CSF-T1"}
 #: Target training slices of the few-shot study. The paper's 400 / 100 / 50 of iSeg-2019's
 #: training slices; the phantom's tutorial preset has ~280 per task: 100 / 25 / 12 keep the paper's 8 : 2 : 1.
 FEWSHOT_SIZES = {"paper": [400, 100, 50], "tutorial": [100, 25, 12], "smoke": [8, 4]}
-#: The ablation variants (``experiments.parse_method`` labels): the TRM's two parts alone, maps
+#: The ablation variants (``presets.parse_method`` labels): the TRM's two parts alone, maps
 #: refreshed during fine-tuning, and the exponential's base (the paper's 10 against 2 and 100).
 ABLATION_METHODS = ("vanilla", "trm", "fg_only", "exp_only", "trm@refresh={refresh}", "trm@base=2", "trm@base=100")
 #: The methods each table compares by default: the paper's four with TRM in both readings of eq. 4
 #: (``trm``: the dataset-level map; ``trm@map=image``: a map per image); Table III, as the paper's,
 #: vanilla against TRM.
-STUDY_METHODS = {"table1": (*E.CORE_METHODS, E.IMAGE_READING), "table2": (*E.CORE_METHODS, E.IMAGE_READING),
-                 "table3": ("vanilla", "trm", E.IMAGE_READING)}
+STUDY_METHODS = {"table1": (*P.CORE_METHODS, P.IMAGE_READING), "table2": (*P.CORE_METHODS, P.IMAGE_READING),
+                 "table3": ("vanilla", "trm", P.IMAGE_READING)}
 #: The modules whose source decides a unit's numbers (part of its hash). Reports and runners
 #: are not: editing them never invalidates finished units.
-METHOD_MODULES = ("leep", "maps", "risk", "losses", "train", "batched", "unet", "slices", "datasets", "metrics")
-UNIT_NOTEBOOK = REPO_ROOT / "notebooks" / "06_transfer_cell.ipynb"
+METHOD_MODULES = ("leep", "predict", "maps", "losses", "train", "memory", "batched", "unet", "slices", "datasets", "metrics")
 #: The budget check: the sampled cells run again at this multiple of the budget.
 CHECK_FACTOR = 2
 #: How many targets (in the paper's task order) give the check its cells, per table: every cell
 #: of the first target (5 cells in Tables I and II; Table III: 2 targets x every size = 6).
 CHECK_TARGETS = {"table1": 1, "table2": 1, "table3": 2}
-#: Version of what a unit's hash covers. 1: the data named by folder path and file times (a
-#: regenerated phantom or a moved copy made every finished unit look new); 2: by their content.
-HASH_FORMAT = 2
 #: Keys of a unit's notebook parameters that say where and how it runs, not what it computes.
 RUN_ONLY_PARAMETERS = ("output_dir", "device", "num_threads", "cache_dir", "show_progress")
-
-
-class SweepError(ValueError):
-    """A sweep asked for something that cannot be run; the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,7 @@ class Settings:
     overrides: dict = field(default_factory=dict)
 
     def cfg(self) -> dict:
-        return E.get_preset(self.preset, **self.overrides)
+        return P.get_preset(self.preset, **self.overrides)
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -151,8 +149,6 @@ def parse_seeds(seeds) -> list:
 
 def families_of(settings: Settings) -> dict:
     """{family: (name, root)} of the sweep's data (the phantom is made when missing)."""
-    from .datasets import DataError, open_dataset
-
     fams = E.resolve_datasets(settings.dataset, settings.data_dir, settings.preset)
     for name, root in fams.values():
         try:
@@ -181,14 +177,14 @@ def expand(study: str, settings: Settings, fams: dict, methods=None, sources=Non
     units = []
     for fam in wanted:
         name = fams[fam][0]
-        tasks = list(E.PAPER_TASKS[name])
+        tasks = list(P.PAPER_TASKS[name])
         for given, kind in ((sources, "source"), (targets, "target")):
             bad = [t for t in (given or []) if t not in tasks]
             if bad:
                 raise SweepError(f"unknown {kind} task(s) {bad} for {name}; its tasks are {', '.join(tasks)}")
         if study == "ablations":
-            ms = tuple(m.format(refresh=max(1, int(E.for_dataset(cfg, name)["iterations"]) // 4)) for m in (methods or ABLATION_METHODS))
-            g = E.TUTORIAL_GRID[name]
+            ms = tuple(m.format(refresh=max(1, int(P.for_dataset(cfg, name)["iterations"]) // 4)) for m in (methods or ABLATION_METHODS))
+            g = P.TUTORIAL_GRID[name]
             pairs = [(s, t) for t in g["targets"] for s in g["sources"] if s != t]
         else:
             ms = tuple(methods or STUDY_METHODS[study])
@@ -200,7 +196,7 @@ def expand(study: str, settings: Settings, fams: dict, methods=None, sources=Non
                 pairs = [(s, t) for t in tasks for s in tasks if s != t]
         for m in ms:
             try:
-                E.parse_method(m)
+                P.parse_method(m)
             except ValueError as err:
                 raise SweepError(str(err)) from None
         pairs = [(s, t) for s, t in pairs if (not sources or s in sources) and (not targets or t in targets)]
@@ -219,8 +215,6 @@ def check_sample(study: str, units: list, factor: int = CHECK_FACTOR) -> list:
     paper's task order) whose target is one of the first ``CHECK_TARGETS[study]`` targets, at
     ``factor`` x the budget. A rule fixed before any result: which cells never depends on what
     they gave. Empty for a study without a check (the ablations)."""
-    from dataclasses import replace
-
     k = CHECK_TARGETS.get(study, 0)
     targets = list(dict.fromkeys(u.target for u in units if u.study == study))[:k]
     return [replace(u, factor=int(factor)) for u in units if u.study == study and u.target in targets]
@@ -292,192 +286,12 @@ def open_sweep(out, settings: Settings, studies, planned: Optional[dict] = None)
     return out
 
 
-def unit_dir(out: Path, unit: Unit, h: str) -> Path:
-    return Path(out) / "units" / f"{unit.uid}-{h}"
-
-
-def unit_status(path: Path) -> str:
-    """done / failed / todo (never started, or killed before it finished)."""
-    f = Path(path) / "unit.json"
-    if not f.exists():
-        return "todo"
-    st = json.loads(f.read_text()).get("status")
-    return "done" if st == "done" and (Path(path) / "result.csv").exists() else ("failed" if st == "failed" else "todo")
-
-
-def unit_spec(out: Path, unit: Unit, settings: Settings, cfg: dict, h: str, device="auto", num_threads=0,
-              cache_dir=None, kernel_name="python3", data: Optional[str] = None, code: Optional[str] = None) -> dict:
-    """Everything a worker needs to run ``unit`` (plain data: it crosses process and job boundaries),
-    with ``cfg``, the resolved preset its hash ``h`` was computed from, and (``data``, ``code``)
-    the data signature and code version in that hash, recorded in ``unit.json``."""
-    return {"uid": unit.uid, "hash": h, "dir": str(unit_dir(out, unit, h)), "unit": asdict(unit),
-            "settings": asdict(settings), "cfg": cfg, "device": device, "num_threads": int(num_threads),
-            "cache_dir": str(cache_dir) if cache_dir else None, "kernel_name": kernel_name,
-            "data": data, "code": code}
-
-
-def unit_parameters(spec: dict) -> dict:
-    """The parameters notebook 06 runs a unit with (what ``unit.json`` records)."""
-    u, s = spec["unit"], spec["settings"]
-    return {"dataset": s["dataset"], "data_dir": s["data_dir"], "preset": s["preset"], "family": u["family"],
-            "source": u["source"], "target": u["target"], "n_slices": u["n_slices"], "methods": list(u["methods"]),
-            "seeds": list(u["seeds"]), "iterations": spec["cfg"]["iterations"],
-            # the preset as resolved (and hashed) when the sweep was planned, every key of it: the
-            # unit runs exactly what its hash names, even if the preset's defaults change later
-            "overrides": {k: v for k, v in spec["cfg"].items() if k != "iterations"}, "output_dir": spec["dir"],
-            "device": spec["device"], "num_threads": spec["num_threads"], "cache_dir": spec["cache_dir"],
-            "show_progress": False}
-
-
-def _one_line(err: BaseException) -> str:
-    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
-    text = f"{ename}: {evalue}" if ename else f"{type(err).__name__}: {err}"
-    return " ".join(str(text).split())[:500]
-
-
-def run_unit(spec: dict) -> dict:
-    """Run one unit: papermill-execute notebook 06 into the unit's folder, then mark it done.
-
-    Skips a unit already done. The executed notebook is written under a temporary name and
-    renamed when it finished; ``unit.json`` comes last (atomically), so a unit killed part-way
-    is simply run again. A failure is recorded (``status: failed`` and a one-line error) and
-    returned, never raised: one bad unit does not stop a sweep.
-    """
-    import papermill as pm
-
-    d = Path(spec["dir"])
-    if unit_status(d) == "done":
-        return {"uid": spec["uid"], "status": "skipped", "seconds": 0.0}
-    d.mkdir(parents=True, exist_ok=True)
-    u, s = spec["unit"], spec["settings"]
-    params = unit_parameters(spec)
-    tmp_nb = d / f".{spec['uid']}.running.ipynb"
-    t0 = time.perf_counter()
-    record = {"uid": spec["uid"], "hash": spec["hash"], "hash_format": HASH_FORMAT, "data_signature": spec.get("data"),
-              "code_version": spec.get("code"), "unit": u, "settings": s, "parameters": params,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "machine": machine_info()}
-    try:
-        (d / "result.csv").unlink(missing_ok=True)
-        pm.execute_notebook(str(UNIT_NOTEBOOK), str(tmp_nb), parameters=params, cwd=str(REPO_ROOT / "notebooks"),
-                            kernel_name=spec["kernel_name"], progress_bar=False)
-        if not (d / "result.csv").exists():
-            raise RuntimeError(f"the notebook finished without writing {d / 'result.csv'}")
-        os.replace(tmp_nb, d / f"{spec['uid']}.ipynb")
-        record.update(status="done", seconds=round(time.perf_counter() - t0, 1))
-    except Exception as err:  # recorded, not raised: the sweep goes on
-        if tmp_nb.exists():
-            os.replace(tmp_nb, d / f"{spec['uid']}.failed.ipynb")
-        record.update(status="failed", seconds=round(time.perf_counter() - t0, 1), error=_one_line(err),
-                      traceback=traceback.format_exc()[-4000:])
-    record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    atomic_write_json(d / "unit.json", record)
-    return {"uid": spec["uid"], "status": record["status"], "seconds": record["seconds"], "error": record.get("error")}
-
-
-class UnitJob:
-    """``run_unit`` as a submitit job that is requeued when SLURM stops it (time limit or
-    preemption): the requeued job runs the unit again from its files (a finished unit is skipped)."""
-
-    def __call__(self, spec: dict) -> dict:
-        return run_unit(spec)
-
-    def checkpoint(self, spec: dict):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(UnitJob(), spec)
-
-
-# ----------------------------------------------------------------------------- executors
-
-def default_workers() -> int:
-    """One worker per 4 cores, at least 1 (each worker's torch gets its share of the cores)."""
-    return max(1, (os.cpu_count() or 1) // 4)
-
-
-def run_local(specs: list, workers: int = 1, progress: bool = True, log=print) -> list:
-    """Run ``specs`` one after another (``workers=1``) or in a bounded pool of processes."""
-    from tqdm.auto import tqdm
-
-    results = []
-    bar = tqdm(total=len(specs), desc="units", unit="unit", disable=not progress)
-    if workers <= 1:
-        for spec in specs:
-            bar.set_postfix_str(spec["uid"])
-            results.append(run_unit(spec))
-            _log_result(results[-1], log)
-            bar.update()
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_unit, spec) for spec in specs]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                _log_result(results[-1], log)
-                bar.update()
-    bar.close()
-    return results
-
-
-def _log_result(r: dict, log) -> None:
-    if log and r["status"] != "skipped":
-        log(f"  {r['uid']}: {r['status']} in {r['seconds']:.0f} s" + (f" ({r['error']})" if r.get("error") else ""))
-
-
-def slurm_executor(folder, cluster: Optional[str] = None, partition=None, time_min: int = 120, gpus_per_job: int = 0,
-                   cpus_per_job: int = 4, mem_gb: int = 16, array_parallelism: int = 8):
-    """A submitit executor for the units (``cluster="local"`` gives submitit's LocalExecutor,
-    for tests only: it starts every job at once)."""
-    try:
-        import submitit
-    except ImportError:
-        raise SweepError("the slurm executor needs submitit: pip install submitit (it is in environment.yml)") from None
-    if cluster is None and shutil.which("sbatch") is None:
-        raise SweepError("the slurm executor needs SLURM's sbatch on PATH (run on the cluster's login node), "
-                         "or use --executor local")
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    ex.update_parameters(timeout_min=int(time_min), cpus_per_task=int(cpus_per_job), mem_gb=int(mem_gb),
-                         gpus_per_node=int(gpus_per_job), name="trm-sweep")
-    if ex.cluster == "slurm":
-        ex.update_parameters(slurm_array_parallelism=int(array_parallelism),
-                             **({"slurm_partition": partition} if partition else {}))
-    return ex
-
-
-def run_submitit(specs: list, executor, progress: bool = True, log=print) -> list:
-    """Submit one job per unit (a SLURM job array) and wait; results are read from the unit files."""
-    from tqdm.auto import tqdm
-
-    if not specs:
-        return []
-    jobs = executor.map_array(UnitJob(), specs)
-    if log:
-        log(f"submitted {len(jobs)} jobs ({jobs[0].job_id.split('_')[0]}); logs under {executor.folder}")
-    bar = tqdm(total=len(jobs), desc="units", unit="unit", disable=not progress)
-    results = []
-    for spec, job in zip(specs, jobs):
-        try:
-            results.append(job.result())
-        except Exception as err:  # the job itself died (not a unit failure, which run_unit records)
-            results.append({"uid": spec["uid"], "status": "failed", "seconds": 0.0, "error": _one_line(err)})
-        _log_result(results[-1], log)
-        bar.update()
-    bar.close()
-    return results
-
-
 # ----------------------------------------------------------------------------- cost estimate
 
 def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto", cache_dir=None) -> dict:
     """A rough cost per unit on this machine: 5 timed iterations of ``finetune_cell`` with the
     unit's number of runs on random data of the preset's size, times its iterations, plus
     source pre-training where the source model is not cached and ~10 % for evaluation."""
-    import torch
-
-    from .train import finetune_cell
-    from .utils import get_device
-
     cfg = settings.cfg()
     dev = get_device(device)
     timed = {}
@@ -501,9 +315,9 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto",
     for u in units:
         groups = len(u.seeds) if u.n_slices else 1
         n_runs = len(u.methods) * (1 if u.n_slices else len(u.seeds))
-        sec = 1.1 * groups * u.factor * int(E.for_dataset(cfg, u.name)["iterations"]) * per_iteration(u.name, n_runs)
+        sec = 1.1 * groups * u.factor * int(P.for_dataset(cfg, u.name)["iterations"]) * per_iteration(u.name, n_runs)
         if (u.name, u.source) not in seen_sources and not _source_cached(u, fams, cfg, cache_dir):
-            sec += E.source_iterations(cfg, u.name) * per_iteration(u.name, 1)
+            sec += P.source_iterations(cfg, u.name) * per_iteration(u.name, 1)
         seen_sources.add((u.name, u.source))
         out[u.uid] = sec + 5.0  # kernel start-up
     return out
@@ -631,7 +445,7 @@ def plan(studies, settings: Settings, out, methods=None, sources=None, targets=N
     out = resolve_path(out)
     rows = []
     for u in units:
-        ucfg = E.scale_budget(cfg, u.factor)
+        ucfg = P.scale_budget(cfg, u.factor)
         h = unit_hash(u, ucfg, sig, code)
         spec = unit_spec(out, u, settings, ucfg, h, device, num_threads, cache_dir,  # the cfg that was hashed
                          data=sig.get(u.name), code=code)
@@ -659,7 +473,7 @@ def main(argv=None) -> int:
     r.add_argument("--study", required=True, help=f"comma-separated: {', '.join(STUDIES)} or all")
     r.add_argument("--dataset", default="phantom", help=f"one of {', '.join(DATASETS)}")
     r.add_argument("--data-dir", default="data", help="folder holding the dataset (the phantom is made under it)")
-    r.add_argument("--preset", default="tutorial", help=f"one of {', '.join(E.PRESETS)} (paper: the paper's protocol)")
+    r.add_argument("--preset", default="tutorial", help=f"one of {', '.join(P.PRESETS)} (paper: the paper's protocol)")
     r.add_argument("--seeds", default="3", help="a count (3 -> seeds 0,1,2) or a list (0,1,2)")
     r.add_argument("--methods", default=None, help="comma-separated methods (default: the study's)")
     r.add_argument("--sources", default=None, help="keep only these source tasks")
@@ -699,8 +513,6 @@ def main(argv=None) -> int:
                   f"{c['mismatched']} with parameters that differ from the plan (left as they are)")
             return 0
         if args.command == "report":
-            from .report import write_report
-
             files = write_report(args.out, n_boot=args.bootstrap)
             print("\n".join(str(f) for f in files))
             return 0
@@ -719,7 +531,7 @@ def _run(args) -> int:
     for st in studies:
         _check_choice("study", st, STUDIES)
     _check_choice("dataset", args.dataset, DATASETS)
-    _check_choice("preset", args.preset, tuple(E.PRESETS))
+    _check_choice("preset", args.preset, tuple(P.PRESETS))
     _check_choice("executor", args.executor, EXECUTORS)
     overrides = {"iterations": args.iterations} if args.iterations else {}
     settings = Settings(args.dataset, args.data_dir, args.preset, parse_seeds(args.seeds), overrides)

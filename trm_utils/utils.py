@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(int(seed))
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(int(seed))
+
+
+def progress_bar(iterable, show: bool, desc: str):
+    """``iterable`` with a tqdm progress bar when ``show``, else as it is."""
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm  # only where a bar is drawn: a headless run never imports it
+
+    return tqdm(iterable, desc=desc, leave=False)
 
 
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -119,9 +130,6 @@ def machine_info() -> dict:
     """The CPU model, core count and library versions a result was computed with: the same seed
     gives the same numbers on the same machine; across CPU models the last bits may differ (and
     a run that has not finished learning can turn them into different results)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .datasets import open_dataset
+
 METHOD_ORDER = ["vanilla", "class_weight", "trs_map", "trm", "trm@map=image", "fg_only", "exp_only"]
 METHOD_LABEL = {"vanilla": "vanilla", "class_weight": "class weight", "trs_map": "Trs map", "trm": "TRM (ours)",
                 "trm@map=image": "TRM, per-image map", "fg_only": "fg-norm only", "exp_only": "exp-weight only"}
@@ -61,8 +63,6 @@ def curves(curves_df: pd.DataFrame, title=""):
 def data_overview(name: str, root, subjects=None, n_subjects: int = 3):
     """One row per subject: every modality and the label at the axial slice with the most label,
     as the loaders read them (the phantom or the real data). Volumes are shown as stored."""
-    from .datasets import open_dataset
-
     ds = open_dataset(name, root)
     subjects = list(subjects) if subjects is not None else ds.subjects[:n_subjects]
     mods = list(ds.modalities)
