@@ -128,7 +128,7 @@ def _function_lengths(module: str):
             yield f.name, f.lineno, n
 
 
-@pytest.mark.parametrize("module", ["train", "batched"])
+@pytest.mark.parametrize("module", ["train", "batched", "experiments", "checks"])
 def test_training_path_functions_are_short(module):
     long = [f"trm_utils/{module}.py:{line} {name}: {n} lines" for name, line, n in _function_lengths(module)
             if n > MAX_FUNCTION_LINES]
