@@ -78,6 +78,7 @@ num_threads = 0  # torch CPU threads (0: torch's default); a sweep's local pool 
 cache_dir = None  # source-model cache (None: $TRM_CACHE_DIR or <repo>/cache)
 show_progress = True
 retrain_sources = False  # True: train the source models here instead of loading results/sources/
+sources_dir = None  # a sweep's own carried sources (OUT/sources): the unit uses those and never trains one
 
 # %%
 if num_threads:
@@ -100,9 +101,9 @@ print(f"cell: {name} {source} -> {target}" + (f", {n_slices} target slices" if n
 # %%
 runs = E.run_grid(name, root, [source], [target], methods, ctx.seeds, ctx.cfg, device=ctx.device,
                   max_slices=n_slices, show_progress=ctx.show_progress, cache_dir=cache_dir,
-                  retrain_sources=ctx.retrain_sources)
+                  retrain_sources=ctx.retrain_sources, sources_dir=sources_dir, sources_only=sources_dir is not None)
 runs.insert(0, "n_slices", n_slices)
-src_model, src_info = ctx.source(name, root, source, cache_dir=cache_dir, quiet=True)
+src_model, src_info = ctx.source(name, root, source, cache_dir=cache_dir, quiet=True, sources_dir=sources_dir)
 src_status = src_info["run_status"] or {}
 runs["source_status"] = src_status.get("status")
 runs["source_dice"] = src_info["curve"][-1][1] if src_info["curve"] else float("nan")

@@ -81,6 +81,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from trm_utils import findings as F
 from trm_utils import report as R
 from trm_utils import sweep as S
 from trm_utils.utils import resolve_path
@@ -136,6 +137,12 @@ print(f"machines (CPU: units): {R.machines_line(prov)}")
 if len(prov["sources"]):
     print("sources retrained between units (told apart by their held-out Dice on their own task):")
     display(prov["sources"])  # noqa: F821
+# a sweep that carries its own source models (OUT/sources): each one's own-task Dice, budget, rule-1 verdict,
+# and whether every run of it names this file (one model throughout)
+if len(prov.get("carried", [])):
+    car = prov["carried"]
+    print(f"the sweep's source models: {len(car)}; every source one model throughout: {bool(car.one_model.all())}")
+    display(car)  # noqa: F821
 
 # %% [markdown]
 # ## 2. Did the runs finish learning?
@@ -168,6 +175,25 @@ for key, s in rep["studies"].items():
 if "check_status" in rep:
     print("status of the budget checks' runs at 2T:")
     display(rep["check_status"])  # noqa: F821
+
+# %% [markdown]
+# ### The budget search, and how the gains depend on the budget
+# A sweep run with `--max-factor 8` finds each table's budget before running the table: the check sample at 1x and
+# 2x the preset's budget, then 2x against 4x, and so on, until rule v2 accepts one (or 8x against 16x has been
+# tried). Every budget it ran is a reading of the same cells: below, each method's gain over vanilla on the sample
+# at every budget. A gain that changes sign from one budget to the next is a finding about the protocol (a fixed
+# budget), not about the method.
+
+# %%
+for key, s in rep["studies"].items():
+    if s.get("search"):
+        print(f"{key}: table at {s['table_factor']}x the preset's budget "
+              + ("(accepted)" if s["search"]["accepted"] else f"(no budget up to {s['search']['max_factor']}x accepted)"))
+        display(pd.DataFrame(s["search"]["checks"]).round(4))  # noqa: F821
+ladders = {k: s["ladder"] for k, s in rep["studies"].items() if len(s.get("ladder", []))}
+if any(lad.factor.nunique() > 1 for lad in ladders.values()):
+    fig = F.ladder_figure(ladders, {k: R.paper_trm_gain(rep["studies"][k]) for k in ladders})
+    plt.show()
 
 # %% [markdown]
 # ### A gain of learning speed, or of where the runs end?
@@ -212,7 +238,25 @@ for key, s in rep["studies"].items():
         display(rk.round(3))  # noqa: F821
 
 # %% [markdown]
-# ## 5. The headline, printed from the numbers
+# ## 5. Where does TRM help?
+# Nothing in the paper says in which cells TRM should help. Three things are known about a cell before any
+# fine-tuning: how transferable the source is globally (pixel-LEEP, eq. 3), the mean of the dataset-level map
+# (eq. 4), and how concentrated the risk is (the share of pixel positions whose risk, eq. 6, exceeds 5). Below,
+# TRM's gain over vanilla per cell against each, with Spearman's rho and a bootstrap 95 % interval over cells,
+# per table and over all cells. A predictor whose interval holds 0 predicts nothing; the line under the table says
+# which, if any, do. (A sweep from before `risk_share_5` was recorded has only the first two.)
+
+# %%
+helps = rep.get("helps")
+if helps is not None and len(helps):
+    for k in helps.table.unique():
+        print(F.helps_line(helps, k))
+    display(helps.drop(columns=["label"]).round(3))  # noqa: F821
+    fig = F.helps_figure(rep["helps_cells"])
+    plt.show()
+
+# %% [markdown]
+# ## 6. The headline, printed from the numbers
 
 # %%
 lines = R.headline(rep)

@@ -117,6 +117,23 @@ def test_recomputing_the_encoder_past_the_budget_gives_the_same_results(cell):
         assert [e["dice"] for e in a["eval"]] == pytest.approx([e["dice"] for e in b["eval"]], abs=1e-6)
 
 
+def test_held_out_pass_cached_or_plain_gives_the_dice_evaluate_gives(cell):
+    """The held-out pass from cached encoder outputs (the default) and from the encoder run again at
+    every pass (cache_held_out=False) give every run the same Dice at every evaluation, and the last
+    is what predict.evaluate (the plain pass: softmax, then argmax) gives the fine-tuned model."""
+    from trm_utils import evaluate
+
+    runs = [("trm", 0), ("vanilla", 1), ("class_weight", 0)]
+    kw = dict(iterations=8, lr=1e-3, batch_size=4, eval_data=cell["data"], eval_every=3, show_progress=False)
+    cached, models = finetune_cell(cell["src"], cell["data"], runs, return_models=True, **kw)
+    plain = finetune_cell(cell["src"], cell["data"], runs, cache_held_out=False, **kw)
+    assert cached[0]["encoder_cached"]
+    for a, b, m in zip(cached, plain, models):
+        assert [e["iteration"] for e in a["eval"]] == [3, 6, 8]
+        assert [e["dice"] for e in a["eval"]] == [e["dice"] for e in b["eval"]]
+        assert a["eval"][-1]["dice"] == pytest.approx(evaluate(m, cell["data"], device="cpu")["dice"], abs=1e-9)
+
+
 def test_memory_layout_rule_and_both_layouts_agree(cell):
     """channels_last="auto" follows batched.use_channels_last (narrow U-Nets on the CPU only), and
     either layout gives the same runs up to float rounding."""

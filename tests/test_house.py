@@ -21,7 +21,7 @@ FLOORS = [
     ("data, and a model on slices", {"datasets", "phantom", "slices", "data", "sources", "colab", "viz", "predict"}),
     ("maps and losses (equations 4-7)", {"maps", "losses"}),
     ("settings and training", {"presets", "memory", "train", "batched"}),
-    ("tables of runs and the budget rule", {"tables", "budget"}),
+    ("tables of runs and the budget rule", {"tables", "budget", "findings"}),
     ("the transfer grid and its checks", {"experiments", "checks"}),
     ("reports, notebooks' helpers and commands", {"report", "notebook", "exercises", "run_all", "units", "sweep", "book"}),
 ]

@@ -198,3 +198,13 @@ def test_variance_explained():
     assert math.isnan(variance_explained(torch.ones(10), torch.zeros(10)))
     with pytest.raises(ValueError, match="does not match"):
         variance_explained(values, a[:10])
+
+
+def test_risk_share_counts_entries_above_the_risk_threshold():
+    """R = 10 ** H exceeds 5 exactly where H > log10(5) = 0.699."""
+    from trm_utils.maps import risk_share
+
+    h = torch.tensor([[0.0, 0.69], [0.70, 1.0]])
+    assert risk_share(h) == pytest.approx(0.5)
+    assert risk_share(torch.zeros(4, 4)) == 0.0 and risk_share(torch.ones(3, 3)) == 1.0
+    assert risk_share(h, above=1.5) == pytest.approx(0.75)  # 10 ** 0.69 = 4.9 > 1.5 too

@@ -72,6 +72,23 @@ def test_carried_source_is_loaded_when_it_matches_and_named_when_not(phantom_roo
     assert [r["identity"]["task"] for r in S.carried_records(carried)] == ["GM-T1"]
 
 
+def test_a_sweeps_own_sources_folder_and_nothing_else(phantom_root, tmp_path):
+    """``sources_dir`` + ``sources_only`` (a sweep's units): the model carried there is loaded, with its
+    SHA-256; a source not carried there is an error that says how to prepare it, never trained."""
+    cfg = P.get_preset("smoke", source_iterations=3)
+    _, info = E.source_model("iseg2019", phantom_root, "GM-T1", cfg, cache_dir=tmp_path / "cache")
+    assert info["sha256"] == S.file_sha256(info["path"])
+    folder = tmp_path / "sweep-sources"
+    pt, _ = S.write_carried(torch.load(info["path"], weights_only=False), _ident(phantom_root, cfg), 0.5, folder)
+    _, i2 = E.source_model("iseg2019", phantom_root, "GM-T1", cfg, cache_dir=tmp_path / "none", sources_dir=folder,
+                           sources_only=True)
+    assert i2["status"] == "carried" and i2["path"] == str(pt) and i2["sha256"] == S.file_sha256(pt)
+    with pytest.raises(ValueError, match=r"source iseg2019 WM-T1 is not carried in .*sweep-sources.*--sources-only"):
+        E.source_model("iseg2019", phantom_root, "WM-T1", cfg, cache_dir=tmp_path / "none", sources_dir=folder,
+                       sources_only=True)
+    assert not (tmp_path / "none").exists()  # nothing trained
+
+
 def test_a_damaged_carried_source_is_an_error_not_a_silent_retrain(phantom_root, tmp_path, monkeypatch):
     cfg = P.get_preset("smoke", source_iterations=3)
     _, info = E.source_model("iseg2019", phantom_root, "GM-T1", cfg, cache_dir=tmp_path / "cache")

@@ -188,15 +188,20 @@ def test_budget_check_sample_is_fixed_by_rule_and_doubles_the_budget(settings, f
     assert S.unit_hash(chk[0], cfg, sig, code) != S.unit_hash(u, cfg, sig, code)
 
 
-def test_dry_run_lists_the_budget_check(tmp_path, settings, capsys):
+def test_dry_run_lists_the_budget_search(tmp_path, settings, capsys):
     args = ["run", "--study", "table1", "--dataset", "phantom", "--data-dir", settings.data_dir, "--preset", "smoke",
             "--seeds", "2", "--targets", "GM-T1", "--out", str(tmp_path / "sw"), "--threads", "1", "--dry-run"]
     assert S.main(args) == 0
     out = capsys.readouterr().out
-    assert "10 units (0 done)" in out and out.count("-x2 ") == 5
+    assert "table1     1x (5 sample units" in out and "table 5 units" in out and "table1     2x (5 sample units" in out
+    assert "accepted at 1x" in out and "unit-hours" in out and " 4x " not in out
+    assert S.main(args + ["--max-factor", "4"]) == 0  # the search's candidates 1, 2, 4 and the last check at 8
+    out = capsys.readouterr().out
+    assert all(f"table1    {k:>2}x (5 sample units" in out for k in (1, 2, 4, 8)) and "none accepted up to 4x" in out
     assert S.main(args + ["--no-budget-check"]) == 0
-    assert "5 units (0 done)" in capsys.readouterr().out
+    assert "table1     1x (0 sample units" in capsys.readouterr().out
     assert not (tmp_path / "sw").exists()  # a dry run writes nothing
+    assert S.main(args + ["--max-factor", "0"]) == 2
 
 
 def _fake_runs(cells, methods, seeds, dice, iterations, curve_step=None):
@@ -280,27 +285,89 @@ def test_gain_by_iteration_reads_the_stored_curves():
     assert [ln.get_label() for ln in fig.axes[0].get_lines()][0] == "trm"
 
 
-def test_sweep_with_budget_check_reports_it(tmp_path, settings):
-    """A sweep runs its table's sample at 2T as units of their own; the report compares them and labels the table."""
+def test_budget_search_and_the_sweeps_own_sources(tmp_path, settings, capsys):
+    """A sweep prepares its sources once (trained at T_s and 2 T_s, judged by rule 1, carried in
+    OUT/sources) and every unit loads them; the budget search runs the table's sample at 1x and 2x,
+    then (not accepted) at 4x, decides by rule v2 alone, runs the table at the budget found, and the
+    report shows the search, the ladder, the check at that budget and the sources."""
     out = tmp_path / "sw"
     args = ["run", "--study", "table1", "--dataset", "phantom", "--data-dir", settings.data_dir, "--preset", "smoke",
             "--seeds", "2", "--targets", "GM-T1", "--sources", "WM-T1,CSF-T1", "--out", str(out), "--threads", "1",
-            "--iterations", "4", "--no-progress"]
+            "--iterations", "4", "--no-progress", "--max-factor", "2"]
     assert S.main(args) == 0
     meta = json.loads((out / "sweep.json").read_text())
-    assert meta["budget_check_factor"] == 2 and len(meta["budget_check"]["table1"]) == 2 and len(meta["planned"]["table1"]) == 2
+    info = meta["budgets"]["table1"]
+    first = info["checks"][0]
+    assert (first["factor"], first["iterations_T"], first["iterations_2T"], first["cells"]) == (1, 4, 8, 2)
+    if first["accepted"]:
+        assert info["table_factor"] == 1 and len(info["checks"]) == 1 and info["accepted"]
+    else:
+        assert len(info["checks"]) == 2 and info["checks"][1]["iterations_2T"] == 16 and info["table_factor"] == 2
+    k = info["table_factor"]
     units = {json.loads(f.read_text())["uid"]: json.loads(f.read_text()) for f in out.glob("units/*/unit.json")}
-    assert len(units) == 4 and all(u["status"] == "done" for u in units.values())
-    assert {u["parameters"]["iterations"] for k, u in units.items() if k.endswith("-x2")} == {8}
+    assert all(u["status"] == "done" for u in units.values())
+    assert {u["parameters"]["iterations"] for u in units.values()} == ({4, 8} if k == 1 else {4, 8, 16})
+    assert len(meta["planned"]["table1"]) == 2 and all(R._uid_factor(u) == k for u in meta["planned"]["table1"])
+    assert all(R._uid_factor(u) != k for u in meta["budget_check"]["table1"])
+    # one model per source, carried in OUT/sources with its rule-1 check; every unit and run names it
+    from trm_utils import sources as SRC
+
+    recs = {r["identity"]["task"]: r for r in SRC.carried_records(out / "sources")}
+    assert set(recs) == {"WM-T1", "CSF-T1"} and all("source_check" in r for r in recs.values())
+    chk = pd.read_csv(out / "sources" / "source_checks.csv")
+    assert set(chk.source) == {"WM-T1", "CSF-T1"} and {"dice_T", "dice_2T", "ok"} <= set(chk.columns)
+    runs = pd.concat([pd.read_csv(f) for f in out.glob("units/*/result.csv")])
+    assert set(runs.source_origin) == {"carried"} and runs.risk_share_5.between(0, 1).all()
+    for src, g in runs.groupby("source"):
+        assert set(g.source_sha256) == {recs[src]["sha256"]}
+    assert {u["source_sha256"] for u in units.values()} == {r["sha256"] for r in recs.values()}
+    # the report: the table at the budget found, its check at 2x it, the search, the ladder and the sources
     rep = R.build_report(out, n_boot=100)
-    assert set(rep["runs"].factor) == {1} and set(rep["check_runs"].iterations) == {8}  # never mixed into the table
     s = rep["studies"]["table1_iseg2019"]
-    assert s["budget_check"]["cells"] == 2 and s["budget_check"]["complete"]
-    assert s["label"] in R.headline(rep)[0]
+    assert s["table_factor"] == k and set(rep["runs"].factor) == {k} and set(rep["check_runs"].factor) == {2 * k}
+    assert s["budget_check"]["cells"] == 2 and s["budget_check"]["complete"] and s["label"] in R.headline(rep)[0]
+    assert set(s["ladder"].factor) == {1, 2} | ({4} if k == 2 else set())
+    car = rep["provenance"]["carried"]
+    assert len(car) == 2 and car.one_model.all() and (car.units > 0).all()
     R.write_report(out, n_boot=100)
     text = (out / "report" / "report.md").read_text()
-    assert "### Budget check (2 of 2 sampled cells, T vs 2T)" in text and "table1 2 of 2; budget check: table1 2 of 2" in text
-    assert (out / "report" / "table1_iseg2019_budget_check.csv").exists() and (out / "report" / "gain_by_iteration.png").exists()
+    assert "## Source models" in text and "one model throughout: **yes**" in text and "### The budget search" in text
+    assert f"table1 2 of 2; budget check: table1 {len(meta['budget_check']['table1'])} of" in text
+    for f in ("table1_iseg2019_budget_check.csv", "table1_iseg2019_budget_ladder.csv", "budget_ladder.png", "sources.csv"):
+        assert (out / "report" / f).exists(), f
+    # run again: nothing to do, no source trained again
+    capsys.readouterr()
+    stamps = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and "report" not in f.parts}
+    assert S.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "WM-T1 (sweep," in printed and "to run" not in printed
+    assert all(stamps[f] == f.stat().st_mtime_ns for f in stamps if f.name != "sweep.json")
+
+
+def test_unit_hash_binds_the_source_model(settings, fams):
+    u = S.expand("table1", settings, fams, sources=["WM-T1"], targets=["GM-T1"])[0]
+    cfg, sig, code = settings.cfg(), S.data_signature(fams), S.code_version()
+    plain = S.unit_hash(u, cfg, sig, code)
+    assert S.unit_hash(u, cfg, sig, code, None) == plain  # a sweep without carried sources: as before
+    a, b = S.unit_hash(u, cfg, sig, code, "a" * 64), S.unit_hash(u, cfg, sig, code, "b" * 64)
+    assert len({plain, a, b}) == 3
+
+
+def test_a_sweeps_sources_folder_holding_another_model_is_refused(tmp_path, settings, fams):
+    """OUT/sources with a model of another identity (the preset's source settings changed) is never
+    replaced behind the finished units' back."""
+    import torch
+
+    from trm_utils import sources as SRC
+
+    out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
+    units = S.expand("table1", settings, fams, sources=["WM-T1"], targets=["GM-T1"])
+    root = fams["tissue"][1]
+    other = SRC.source_identity("iseg2019", root, "WM-T1", {**settings.cfg(), "source_iterations": 1})
+    state = {"state_dict": {"w": torch.zeros(1)}, "history": {}, "provenance": {}}
+    SRC.write_carried(state, other, 0.1, S.sources_dir(out))
+    with pytest.raises(S.SweepError, match="is another model .*training.iterations.*give a new --out"):
+        S.source_records(out, units, fams, settings.cfg())
 
 
 def test_open_sweep_refuses_to_mix(tmp_path, settings):

@@ -236,7 +236,8 @@ def _cell_memory(enc, n_train, n_ev, h, w, batch_size, c_t, n_runs, device, cach
 
 
 def plan_cell(model, data, specs, maps, *, iterations, lr, batch_size, patch, num_classes, eval_data, eval_every,
-              device, cache_budget_mb, precision, channels_last, lr_decay, group_size, memory_budget_mb) -> CellPlan:
+              device, cache_budget_mb, precision, channels_last, lr_decay, group_size, memory_budget_mb,
+              cache_held_out=True) -> CellPlan:
     """Everything ``finetune_cell``'s run groups share, prepared once: the slices, the maps, the
     memory plan (``_cell_memory``), the encoder caches and the class weights (``finetune_cell``'s
     arguments, its ``runs`` already checked into ``specs``)."""
@@ -260,7 +261,8 @@ def plan_cell(model, data, specs, maps, *, iterations, lr, batch_size, patch, nu
                              memory_budget_mb, group_size)
     ev_batch = eval_batch(enc, H, W, c_t)
     train_cache = EncoderCache(enc, images, device, cached, channels_last=channels_last)
-    eval_cache = EncoderCache(enc, ev_images, device, cached, channels_last=channels_last) if n_ev else None
+    eval_cache = EncoderCache(enc, ev_images, device, cached and bool(cache_held_out),
+                              channels_last=channels_last) if n_ev else None
     cw = class_weights(torch.bincount(labels.reshape(-1), minlength=c_t)).to(device) \
         if any(get_method(s["method"]).weight == "class" for s in specs) else None
     return CellPlan(specs, images, labels, labels.to(device), c_t, device, amp, channels_last, shared, train_cache, eval_cache,
@@ -325,27 +327,27 @@ class RunGroup:
                                           p.num_classes, p.device, self.hist[m])
 
     @torch.no_grad()
-    def _probs(self, cache, n: int):
-        """Softmax of every run of the group on every slice of ``cache``, ``eval_batch`` slices at a time."""
+    def held_out_pass(self, it: int) -> None:
+        """Every run's held-out Dice at iteration ``it`` (``predict.score_predictions``): one pass over
+        the held-out slices' encoder outputs (cached once per cell when they fit, ``plan_cell``; else
+        the encoder runs again, once per batch for all the group's runs), each run's decoder on them,
+        its predicted labels kept at one byte a pixel. A label is the argmax of the logits: the
+        softmax ``predict.evaluate`` takes first is monotonic, so it would pick the same class
+        (``tests/test_batched.py`` checks the Dice against ``evaluate`` of the fine-tuned models)."""
+        p, G = self.plan, len(self.models)
+        n = p.ev_labels.shape[0]
+        preds = torch.empty((G, *p.ev_labels.shape), dtype=torch.uint8 if p.num_classes <= 256 else torch.long)
         for m in self.models:
             m.eval()
         try:
-            for s0 in range(0, n, self.plan.ev_batch):
-                sl = slice(s0, min(n, s0 + self.plan.ev_batch))
-                lv = cache.get(torch.arange(sl.start, sl.stop))
-                yield sl, {m: torch.softmax(self.forward(m, lv), dim=1) for m in range(len(self.models))}
+            for s0 in range(0, n, p.ev_batch):
+                sl = slice(s0, min(n, s0 + p.ev_batch))
+                lv = p.eval_cache.get(torch.arange(sl.start, sl.stop))
+                for m in range(G):
+                    preds[m, sl] = self.forward(m, lv).argmax(1).cpu()
         finally:
             for m in self.models:
                 m.train()
-
-    def held_out_pass(self, it: int) -> None:
-        """Every run's held-out Dice at iteration ``it`` (``predict.score_predictions``), from one pass
-        of the cached encoder outputs; predictions kept at one byte a pixel."""
-        p, G = self.plan, len(self.models)
-        preds = torch.empty((G, *p.ev_labels.shape), dtype=torch.uint8 if p.num_classes <= 256 else torch.long)
-        for sl, probs in self._probs(p.eval_cache, p.ev_labels.shape[0]):
-            for m in range(G):
-                preds[m, sl] = probs[m].argmax(1).cpu()
         for m in range(G):
             self.hist[m]["eval"].append({"iteration": it, **score_predictions(preds[m], p.ev_labels, p.ev_subjects,
                                                                                p.num_classes)})
@@ -382,6 +384,7 @@ def finetune_cell(
     lr_decay: Optional[float] = None,
     group_size="auto",
     memory_budget_mb: Optional[float] = None,
+    cache_held_out: bool = True,
 ):
     """Fine-tune every run of one transfer cell (one source ``model``, one target ``data``) at once.
 
@@ -428,6 +431,10 @@ def finetune_cell(
         memory_budget_mb: the memory the cell may use; default: the GPU's free memory less a
             margin, or half the memory the system reports available (``memory.memory_budget``).
             A group that does not fit raises ``MemoryError`` naming the budget and what to change.
+        cache_held_out: keep the held-out slices' encoder outputs beside the training slices' (the
+            default, within ``cache_budget_mb``), or run the encoder again at every held-out pass
+            (False: the plain pass, which ``benchmarks/held_out_pass.py`` times against the cached
+            one). The same numbers either way.
 
     Returns:
         one history per run, in ``finetune``'s format (``method``, ``loss`` per iteration,
@@ -444,7 +451,8 @@ def finetune_cell(
     plan = plan_cell(model, data, specs, maps, iterations=iterations, lr=lr, batch_size=batch_size, patch=patch,
                      num_classes=num_classes, eval_data=eval_data, eval_every=eval_every, device=device,
                      cache_budget_mb=cache_budget_mb, precision=precision, channels_last=channels_last,
-                     lr_decay=lr_decay, group_size=group_size, memory_budget_mb=memory_budget_mb)
+                     lr_decay=lr_decay, group_size=group_size, memory_budget_mb=memory_budget_mb,
+                     cache_held_out=cache_held_out)
     hist = [{"method": s["method"], "seed": s["seed"], "base": s["base"], "reading": s["reading"], "loss": [], "eval": [],
              "refresh_seconds": []}
             for s in specs]

@@ -26,22 +26,27 @@ def family_root(family: str, preset: str, data_dir):
 
 
 def check_sources(family: str, preset: str = "tutorial", data_dir="data", factor: int = 2, log=print,
-                  device="auto", root=None) -> pd.DataFrame:
+                  device="auto", root=None, tasks=None, workers: Optional[int] = None,
+                  dataset: Optional[str] = None) -> pd.DataFrame:
     """Each source of the family trained at T_s and ``factor`` x T_s (both cached): its held-out
-    Dice on its own task at each budget, its status, the change and the verdict."""
+    Dice on its own task at each budget, its status, the change and the verdict. ``tasks``: these
+    source tasks instead of the family's main-job grid's (a sweep's), of ``dataset`` (default the
+    family's: a real dataset's name with its ``root``); ``workers``: as ``experiments.prepare_sources``."""
     f = B.family_settings(family)
     name, sources, _ = B.family_tasks(family, preset)
+    sources = list(tasks) if tasks else sources
+    name = dataset or name
     root = root if root is not None else family_root(family, preset, data_dir)
     base = get_preset(preset)
     t_s = source_iterations(base, name)
     trained = {}
     for tag, k in (("T", 1), ("2T", factor)):  # the missing ones side by side on a CPU (E.prepare_sources)
         cfg = dict(base, source_iterations=k * t_s)
-        out = E.prepare_sources([(name, root, s) for s in sources], cfg, device=device, log=log)
+        out = E.prepare_sources([(name, root, s) for s in sources], cfg, device=device, log=log, workers=workers)
         trained.update({(tag, s): out[(name, s)] for s in sources})
     rows = []
     for source in sources:
-        row = {"family": family, "source": source, "iterations_T": t_s, "iterations_2T": factor * t_s}
+        row = {"family": family, "dataset": name, "source": source, "iterations_T": t_s, "iterations_2T": factor * t_s}
         for tag, k in (("T", 1), ("2T", factor)):
             _, info = trained[(tag, source)]
             st = B.run_status(info["curve"])
@@ -83,15 +88,29 @@ def carry_sources(family: str, preset: str = "tutorial", data_dir="data", check_
             continue
         if status != "cached":
             raise ValueError(f"{name} {task} is not trained at {t_s} iterations in this checkout; run `{cmd}` first")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model = E.new_unet(name, cfg)
-        model.load_state_dict(state["state_dict"])
-        own = evaluate(model, E.load_task(name, root, task, "test", cfg), device="cpu")["dice"]
-        ident = S.source_identity(name, root, task, cfg)
-        pt, _ = S.write_carried(state, ident, own, folder, budget_check=f"results/calibration/{family}_sources_budget_check.csv")
-        log(f"{name} {task}: carried {pt} (own-task held-out Dice {own:.4f}, {t_s} iterations; was: {reason})")
-        out.append(pt)
+        out.append(carry_cached(name, root, task, cfg, folder, f"results/calibration/{family}_sources_budget_check.csv",
+                                log=log, why=reason))
     return out
+
+
+def carry_cached(name: str, root, task: str, cfg: dict, folder, budget_check: str, log=print, why: str = "",
+                 check: Optional[dict] = None):
+    """Write the source model this checkout's cache holds for ``task`` (``experiments.source_model_path``)
+    into ``folder`` as a carried source (``sources.write_carried``), with its held-out Dice on its own
+    task and ``budget_check``, the check that judged its budget (``check``: its row). Returns the ``.pt`` path."""
+    path = E.source_model_path(name, root, task, cfg)
+    if not path.exists():
+        raise ValueError(f"{name} {task}: no trained model in this checkout's cache ({path}); train it first")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = E.new_unet(name, cfg)
+    model.load_state_dict(state["state_dict"])
+    own = evaluate(model, E.load_task(name, root, task, "test", cfg), device="cpu")["dice"]
+    ident = S.source_identity(name, root, task, cfg)
+    pt, _ = S.write_carried(state, ident, own, folder, budget_check=budget_check, check=check)
+    if log:
+        log(f"{name} {task}: carried {pt} (own-task held-out Dice {own:.4f}, {ident['training']['iterations']} "
+            f"iterations" + (f"; was: {why}" if why else "") + ")")
+    return pt
 
 
 def _grid_worker(args) -> pd.DataFrame:

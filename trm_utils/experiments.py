@@ -25,7 +25,7 @@ from . import sources as S
 from .batched import finetune_cell
 from .budget import run_status
 from .losses import get_method
-from .maps import transferability_maps
+from .maps import risk_share, transferability_maps
 from .predict import evaluate
 from .presets import PRESETS, for_dataset, parse_method
 from .tables import write_csv
@@ -73,19 +73,21 @@ def source_model_path(name, root, task, cfg, seed=0, cache_dir=None, ident: Opti
 
 
 def source_choice(name, root, task, cfg, seed=0, cache_dir=None, retrain: bool = False,
-                  ident: Optional[dict] = None) -> tuple:
+                  ident: Optional[dict] = None, sources_dir=None) -> tuple:
     """``(path, status, reason)``: where the source for ``task`` comes from, before anything is loaded.
 
     ``status`` is ``"carried"`` (the committed model in ``results/sources/`` has exactly this
     identity), ``"cached"`` (this checkout trained it before) or ``"train"``; ``reason`` is the one
     line that says why (what differs from the carried model, or ``retrain_sources=True``). A damaged
     carried file raises ``sources.CarriedSourceError`` rather than being skipped silently. ``ident``:
-    the source's identity (``sources.source_identity``), when the caller has it already."""
+    the source's identity (``sources.source_identity``), when the caller has it already.
+    ``sources_dir``: where the carried models lie (default the repository's ``results/sources/``; a
+    sweep's own ``OUT/sources/``)."""
     ident = ident if ident is not None else S.source_identity(name, root, task, cfg, seed)
     if retrain:
         why = "retrain_sources=True: the carried model is not used"
     else:
-        carried, why = S.find_carried(ident)
+        carried, why = S.find_carried(ident, sources_dir)
         if carried is not None:
             return carried, "carried", why
     path = source_model_path(name, root, task, cfg, seed, cache_dir, ident)
@@ -94,12 +96,15 @@ def source_choice(name, root, task, cfg, seed=0, cache_dir=None, retrain: bool =
 
 
 def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, show_progress=False,
-                 retrain: bool = False):
+                 retrain: bool = False, sources_dir=None, sources_only: bool = False):
     """The source U-Net for ``task``: the carried one when its identity matches what would be
     trained (``sources.py``), else the cache's, else trained here and cached.
 
     Returns ``(model, info)``: ``info["status"]`` is ``"carried"``, ``"loaded"`` (from the cache) or
-    ``"trained"``, ``info["reason"]`` the one line that says why, ``info["path"]`` the file. With
+    ``"trained"``, ``info["reason"]`` the one line that says why, ``info["path"]`` the file and
+    ``info["sha256"]`` its bytes' SHA-256 (which model, exactly). ``sources_dir``: the folder of carried
+    models to look in (``source_choice``); ``sources_only=True`` (a sweep's units): a source not
+    carried there is a ``ValueError``, never trained or taken from a cache. With
     ``retrain=True`` (the notebooks' ``retrain_sources``) the carried model is never used: the
     source is trained here (or taken from this checkout's cache, where an earlier notebook of the
     same run trained it).
@@ -107,7 +112,10 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     b = for_dataset(cfg, name)
     its = int(b["source_iterations"])
     ident = S.source_identity(name, root, task, cfg, seed)
-    path, status, reason = source_choice(name, root, task, cfg, seed, cache_dir, retrain, ident)
+    path, status, reason = source_choice(name, root, task, cfg, seed, cache_dir, retrain, ident, sources_dir)
+    if sources_only and status != "carried":
+        raise ValueError(f"source {name} {task} is not carried in {sources_dir or S.SOURCES_DIR} ({reason}); a sweep "
+                         "prepares its sources before its units (python -m trm_utils.sweep run ... [--sources-only])")
     device = get_device(device)
     seed_everything(seed)
     model = new_unet(name, cfg)
@@ -130,7 +138,7 @@ def source_model(name, root, task, cfg, seed=0, device="auto", cache_dir=None, s
     curve = [[e["iteration"], e["dice"]] for e in hist.get("eval", [])]
     info = {"status": status, "reason": reason, "path": str(path), "seconds": hist.get("seconds"), "curve": curve,
             "run_status": run_status(curve) if curve else None, "provenance": prov,
-            "identity": S.identity_hash(ident)}
+            "identity": S.identity_hash(ident), "sha256": S.file_sha256(path)}
     return model.to(device).eval(), info
 
 
@@ -191,11 +199,12 @@ def prepare_sources(jobs, cfg: dict, seed: int = 0, device="auto", cache_dir=Non
 def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods: Iterable[str], seeds: Iterable[int],
              cfg: dict, device="auto", out_csv=None, show_progress=False, max_slices=None, cache_dir=None,
              log=print, engine: str = "batched", keep_models: Optional[dict] = None,
-             retrain_sources: bool = False) -> pd.DataFrame:
+             retrain_sources: bool = False, sources_dir=None, sources_only: bool = False) -> pd.DataFrame:
     """Fine-tune every source on every other target with every method and seed.
 
     The sources are the carried ones where their identity matches (``source_model``;
-    ``retrain_sources=True``: trained here, or this checkout's cached ones).
+    ``retrain_sources=True``: trained here, or this checkout's cached ones; ``sources_dir`` /
+    ``sources_only``: a sweep's own carried sources, and nothing else).
 
     A cell (source, target) fine-tunes all its methods x seeds at once with ``finetune_cell``
     (``engine="batched"``, the default) or one run after another with ``finetune``
@@ -206,7 +215,9 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
     (its own budget) replace the grid's.
 
     One row per run: dataset, source, target, method, seed, subset_seed, source_origin and
-    source_identity (carried / loaded / trained, and the model's identity hash: ``sources.py``), dice (mean foreground
+    source_identity (carried / loaded / trained, and the model's identity hash: ``sources.py``), source_sha256 (the
+    model file's bytes), risk_share_5 (``maps.risk_share`` of the dataset-level map: the share of pixel
+    positions with transfer risk above 5; NaN where the cell computed no dataset map), dice (mean foreground
     Dice on the target's held-out test subjects), dice_per_class, pixel_leep (the source's score
     on the target training set, eq. 3), map_leep (the same pixels scored with each patch's own
     P(y|z): the dataset-level map's global score), curve (held-out Dice every ``eval_every`` iterations, recorded
@@ -242,7 +253,8 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
             if source == target:
                 continue
             src, src_info = source_model(name, root, source, cfg, device=device, cache_dir=cache_dir,
-                                         show_progress=show_progress, retrain=retrain_sources)
+                                         show_progress=show_progress, retrain=retrain_sources, sources_dir=sources_dir,
+                                         sources_only=sources_only)
             if log and source not in told:  # which model, and why: once per source
                 told.add(source)
                 log(f"source {source}: {src_info['status']}: {src_info['reason']}")
@@ -269,6 +281,8 @@ def run_grid(name, root, sources: Iterable[str], targets: Iterable[str], methods
                         "curve": json.dumps([[e["iteration"], e["dice"]] for e in hist["eval"]]),
                         "seconds": hist["seconds"], "engine": engine,
                         "source_origin": src_info["status"], "source_identity": src_info["identity"],
+                        "source_sha256": src_info["sha256"],
+                        "risk_share_5": risk_share(tr["dataset"]["hardness"]) if "dataset" in tr else float("nan"),
                     })
             if log:
                 cell = pd.DataFrame(rows)

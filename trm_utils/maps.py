@@ -265,6 +265,14 @@ def risk_map(tmap, base: float = 10.0) -> torch.Tensor:
     return risk_from_hardness(hardness(tmap), base)
 
 
+def risk_share(hard, above: float = 5.0, base: float = 10.0) -> float:
+    """How concentrated a risk map is: the share of its entries whose transfer risk (eq. 6,
+    R = base ** H with H from eq. 5) exceeds ``above`` (5 of the range [1, 10]: H > log10 5 = 0.70).
+    For the dataset-level map (H x W) each pixel position counts once. The sweep report asks whether
+    it predicts TRM's gain over vanilla."""
+    return float((risk_from_hardness(torch.as_tensor(hard), base) > float(above)).float().mean())
+
+
 # ----------------------------------------------------------------------------- from a model
 
 class LossMaps:

@@ -34,12 +34,14 @@ class Context:
     retrain_sources: bool = False
     saved: list = field(default_factory=list)
 
-    def source(self, name: str, root, task: str, cache_dir=None, quiet: bool = False):
+    def source(self, name: str, root, task: str, cache_dir=None, quiet: bool = False, sources_dir=None):
         """The source U-Net for ``task`` (``experiments.source_model``): the carried one where its
         identity matches, else trained here (always, with ``retrain_sources=True``); prints the one
-        line that says which and why. Returns ``(model, info)``."""
+        line that says which and why; ``sources_dir``: a sweep's own carried sources, and nothing else
+        (``experiments.source_model``'s ``sources_only``). Returns ``(model, info)``."""
         model, info = E.source_model(name, root, task, self.cfg, device=self.device, cache_dir=cache_dir,
-                                     show_progress=self.show_progress, retrain=self.retrain_sources)
+                                     show_progress=self.show_progress, retrain=self.retrain_sources,
+                                     sources_dir=sources_dir, sources_only=sources_dir is not None)
         if not quiet:
             print(f"source {task}: {info['status']}: {info['reason']}")
         return model, info

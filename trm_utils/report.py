@@ -44,7 +44,9 @@ import seaborn as sns
 from scipy.stats import kendalltau, wilcoxon
 
 from . import budget as B
+from . import findings as F
 from . import presets as P
+from . import sources as SRC
 from . import tables as TB
 from .utils import atomic_write_bytes, atomic_write_text, resolve_path
 
@@ -564,8 +566,14 @@ def build_report(out, n_boot: int = 2000) -> dict:
     runs, units = load_sweep(out)
     settings = settings_of(out)
     prov = provenance(runs, units)  # over every unit, the budget checks' included
-    checks = runs[runs.factor > 1] if len(runs) else runs
-    runs = runs[runs.factor == 1] if len(runs) else runs
+    prov["carried"] = carried_sources(out, runs)
+    every = runs
+    if len(runs):
+        tf = np.array([table_factor(settings, st, name) for st, name in zip(runs.study, runs.dataset)])
+        checks = runs[(runs.factor.values == 2 * tf) & (runs.study != "ablations").values]
+        runs = runs[runs.factor.values == tf]
+    else:
+        checks = runs
     rep = {"settings": settings, "units": units, "runs": runs, "check_runs": checks, "studies": {},
            "progress": progress(settings, units), "provenance": prov}
     if runs.empty:
@@ -579,9 +587,14 @@ def build_report(out, n_boot: int = 2000) -> dict:
             key = f"{study}_{name}"
             s = {"study": study, "dataset": name, "runs": rr}
             if study != "ablations":
+                tf = table_factor(settings, study, name)
                 cc = checks[(checks.study == study) & (checks.dataset == name)] if len(checks) else None
-                s["budget_check"] = budget_check(rr, cc, planned.get(study))
-                s["label"] = check_label(s["budget_check"])
+                mine = [u for u in planned.get(study, []) if _uid_factor(u) == 2 * tf] if planned.get(study) else None
+                s["budget_check"] = budget_check(rr, cc, mine)
+                s["label"] = check_label(s["budget_check"]) + sources_note(prov["carried"], rr)
+                s["table_factor"] = tf
+                s["search"] = (settings.get("budgets") or {}).get(study)
+                s["ladder"] = F.budget_ladder(every[(every.study == study) & (every.dataset == name)])
                 s["gain_by_iteration"] = gain_by_iteration(rr)
             if study == "table3":
                 smap = fewshot_sizes_map(settings, rr)
@@ -594,7 +607,58 @@ def build_report(out, n_boot: int = 2000) -> dict:
                 if study != "ablations":
                     s["ranking"] = source_ranking(rr)
             rep["studies"][key] = s
+    tables = {k: s["runs"] for k, s in rep["studies"].items() if s["study"] != "ablations"}
+    rep["helps_cells"], rep["helps"] = F.where_trm_helps(tables, n_boot=n_boot)
     return rep
+
+
+def table_factor(settings: dict, study: str, dataset: str) -> int:
+    """The multiple of the preset's budget a study's table ran at (``sweep.find_budget``, recorded in
+    ``sweep.json``; 1 for a sweep from before the search). The ablations take their family's table's:
+    Table I's for the tissue data, Table II's for the tumour data."""
+    budgets = settings.get("budgets") or {}
+    if study == "ablations":
+        study = "table1" if dataset == "iseg2019" else "table2"
+    return int((budgets.get(study) or {}).get("table_factor") or 1)
+
+
+def _uid_factor(uid: str) -> int:
+    """The budget multiple a unit's name carries (``-x4``), 1 without one."""
+    tail = uid.rsplit("-", 1)[-1]
+    return int(tail[1:]) if tail.startswith("x") and tail[1:].isdigit() else 1
+
+
+def carried_sources(out, runs: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's own source models (``OUT/sources/``, ``sweep.prepare_sources``): per source its
+    own-task Dice, budget, rule-1 verdict and SHA-256, the units that used it, and whether it is one
+    model throughout (every run of the source names this file's SHA-256). Empty for a sweep
+    without them."""
+    folder = resolve_path(out) / "sources"
+    if not folder.exists():
+        return pd.DataFrame()
+    rows = []
+    for rec in SRC.carried_records(folder):
+        name, task = rec["identity"]["dataset"], rec["identity"]["task"]
+        mine = runs[(runs.dataset == name) & (runs.source == task)] if len(runs) else runs
+        shas = set(mine.source_sha256.dropna()) if "source_sha256" in mine else set()
+        chk = rec.get("source_check") or {}
+        rows.append({"dataset": name, "source": task, "own_task_dice": rec["own_task_dice"],
+                     "iterations": rec["identity"]["training"]["iterations"], "dice_2T": chk.get("dice_2T"),
+                     "accepted": bool(chk["ok"]) if chk else True, "budget_check": rec.get("budget_check"),
+                     "sha256": rec["sha256"][:12], "units": int(mine.uid.nunique()) if len(mine) else 0,
+                     "one_model": shas <= {rec["sha256"]}, "trained_on": (rec.get("provenance") or {}).get("cpu")})
+    return pd.DataFrame(rows)
+
+
+def sources_note(carried: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """``"; sources not accepted by rule 1: ..."`` for a table that fine-tunes from such a source, else ""."""
+    if carried is None or carried.empty or "accepted" not in carried:
+        return ""
+    bad = carried[~carried.accepted.astype(bool)]
+    used = set(zip(runs.dataset, runs.source))
+    names = [f"{r.source} (Dice {r.own_task_dice:.3f} at {int(r.iterations)}, {r.dice_2T:.3f} at 2x)"
+             for r in bad.itertuples() if (r.dataset, r.source) in used]
+    return f"; sources NOT accepted by rule 1: {', '.join(names)}" if names else ""
 
 
 def headline(rep: dict) -> list:
@@ -653,6 +717,15 @@ def report_text(rep: dict) -> str:
     prov = rep.get("provenance")
     if prov and prov["machines"]:
         lines += [f"Machines (CPU: units): {machines_line(prov)}.", ""]
+    car = prov.get("carried") if prov else None
+    if car is not None and len(car):
+        one = bool(car.one_model.all())
+        lines += ["## Source models", "",
+                  f"The sweep's own source models (`sources/`: each trained once, or copied from the repository's "
+                  f"`results/sources/` when identical; every unit loads them and none trains one). Every source is one "
+                  f"model throughout: **{'yes' if one else 'NO'}** (each run records its source file's SHA-256). Rule 1: "
+                  f"a source's held-out Dice on its own task not more than {B.SOURCE_DICE_TOL} higher at 2x its "
+                  f"budget, every tumour source at least {B.SOURCE_FLOOR}.", "", markdown(car, 4), ""]
     if prov is not None and len(prov["sources"]):
         lines += ["**Sources that are not one model throughout** (retrained between units, told apart by their held-out "
                   "Dice on their own task; cells run with different models of a source compare unlike with unlike):", "",
@@ -675,6 +748,18 @@ def report_text(rep: dict) -> str:
         lines += [f"## {TITLES.get(s['study'], s['study'])}: {s['dataset']}", ""]
         if "label" in s:
             lines += [f"**{s['label']}**", ""]
+        search = s.get("search")
+        if search and search.get("checks"):
+            last = search["checks"][-1]
+            verdict = (f"accepted {s['table_factor']}x the preset's budget" if search.get("accepted") else
+                       f"no budget up to {search['max_factor']}x the preset's accepted; the table ran at "
+                       f"{s['table_factor']}x, labelled so")
+            lines += [f"### The budget search ({verdict}; the check's last step {last['iterations_T']} vs "
+                      f"{last['iterations_2T']} iterations)", "", markdown(pd.DataFrame(search["checks"]), 4), ""]
+        if len(s.get("ladder", [])):
+            lad = s["ladder"].pivot_table(index="iterations", columns="method", values="gain_pct", sort=False)
+            lines += ["Each method's gain over vanilla (%) on the check sample at every budget it ran (the budget "
+                      "dependence of the gains):", "", markdown(lad.reset_index(), 2), ""]
         chk = s.get("budget_check")
         if chk is not None and chk["table"] is not None:
             lines += [f"### Budget check ({chk['cells']} of {chk['planned']} sampled cells, T vs 2T)", "",
@@ -689,6 +774,15 @@ def report_text(rep: dict) -> str:
                       f"Mean tau over targets: {mean_tau:.3f}" if rk.kendall_tau.notna().any()
                       else "Fewer than 3 sources per target: no tau.", ""]
         lines += ["### The grid", "", markdown(s["grid"], 4), ""]
+    helps = rep.get("helps")
+    if helps is not None and len(helps):
+        lines += ["## Where does TRM help?", "",
+                  "Per cell, TRM's gain over vanilla (mean over seeds) against what is known before fine-tuning: "
+                  "pixel-LEEP (eq. 3), the dataset-level map's mean (eq. 4) and the share of pixel positions whose risk "
+                  "(eq. 6) exceeds 5. Spearman's rho with a bootstrap 95 % interval over cells; a predictor predicts "
+                  "the gain only where its interval excludes 0.", "",
+                  *[f"- {F.helps_line(helps, k)}" for k in helps.table.unique()], "",
+                  markdown(helps.drop(columns=["label"]), 3), ""]
     return "\n".join(lines)
 
 
@@ -720,6 +814,22 @@ def write_report(out, n_boot: int = 2000, dest=None) -> list:
         fig = study_figure(s)
         files.append(_save_fig(fig, d / f"{key}_heatmap.png"))
         plt.close(fig)
+    ladders = {k: s["ladder"] for k, s in rep["studies"].items() if len(s.get("ladder", []))}
+    for k, lad in ladders.items():
+        files.append(TB.write_csv(lad, d / f"{k}_budget_ladder.csv"))
+    if any(lad.factor.nunique() > 1 for lad in ladders.values()):
+        fig = F.ladder_figure(ladders, {k: paper_trm_gain(s) for k, s in rep["studies"].items() if k in ladders})
+        files.append(_save_fig(fig, d / "budget_ladder.png"))
+        plt.close(fig)
+    if rep.get("helps") is not None and len(rep["helps"]):
+        files.append(TB.write_csv(rep["helps"], d / "where_trm_helps.csv"))
+        files.append(TB.write_csv(rep["helps_cells"], d / "where_trm_helps_cells.csv"))
+        fig = F.helps_figure(rep["helps_cells"])
+        files.append(_save_fig(fig, d / "where_trm_helps.png"))
+        plt.close(fig)
+    car = rep["provenance"].get("carried")
+    if car is not None and len(car):
+        files.append(TB.write_csv(car, d / "sources.csv"))
     if any("gain_by_iteration" in s for s in rep["studies"].values()):
         fig = gain_by_iteration_figure(rep["studies"])
         files.append(_save_fig(fig, d / "gain_by_iteration.png"))

@@ -97,7 +97,8 @@ def carried_paths(name: str, task: str, folder=None) -> tuple:
     return folder / f"{name}-{task}.pt", folder / f"{name}-{task}.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -128,7 +129,7 @@ def read_record(name: str, task: str, folder=None) -> Optional[dict]:
         record["identity"], record["sha256"]  # noqa: B018 -- both must be there
     except (ValueError, KeyError, TypeError) as exc:
         raise CarriedSourceError(f"carried source record {_rel(rec)} cannot be read ({exc}); {fix}") from None
-    if _sha256(pt) != record["sha256"]:
+    if file_sha256(pt) != record["sha256"]:
         raise CarriedSourceError(f"carried source {_rel(pt)} is damaged (its SHA-256 is not the one "
                                  f"{rec.name} records); {fix}")
     return record
@@ -167,11 +168,13 @@ def provenance(device: torch.device) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write_carried(state: dict, identity: dict, own_dice: float, folder=None, budget_check: Optional[str] = None) -> tuple:
+def write_carried(state: dict, identity: dict, own_dice: float, folder=None, budget_check: Optional[str] = None,
+                  check: Optional[dict] = None) -> tuple:
     """Commit a trained source: ``state`` is what ``experiments.source_model`` caches
     (``state_dict``, ``history``, ``provenance``); writes the ``.pt`` and its ``.json`` record
     (identity, its hash, provenance, held-out curve, ``own_dice``, the budget check that accepted
-    its budget, the ``.pt``'s SHA-256), each atomically. Returns both paths."""
+    its budget, the ``.pt``'s SHA-256), each atomically; ``check``: that check's row for this source
+    (its Dice at T and 2T and whether rule 1 accepts T), kept in the record. Returns both paths."""
     name, task = identity["dataset"], identity["task"]
     pt, rec = carried_paths(name, task, folder)
     hist = state.get("history", {})
@@ -182,7 +185,8 @@ def write_carried(state: dict, identity: dict, own_dice: float, folder=None, bud
     atomic_write_json(rec, {"identity": identity, "identity_hash": identity_hash(identity),
                             "provenance": state.get("provenance", {}), "seconds": hist.get("seconds"),
                             "parameters": int(size), "own_task_dice": round(float(own_dice), 6),
-                            "curve": curve, "budget_check": budget_check, "sha256": _sha256(pt)})
+                            "curve": curve, "budget_check": budget_check, **({"source_check": check} if check else {}),
+                            "sha256": file_sha256(pt)})
     return pt, rec
 
 

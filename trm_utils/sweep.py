@@ -50,15 +50,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import torch
 
+from . import budget as B
 from . import experiments as E
 from . import presets as P
+from . import sources as SRC
 from .batched import finetune_cell
+from .checks import carry_cached, check_sources
 from .datasets import DataError, content_signature, open_dataset
 from .report import write_report
 from .units import (HASH_FORMAT, SweepError, default_workers, run_local, run_submitit, slurm_executor, unit_parameters,
                     unit_spec, unit_status)
+from .tables import write_csv
 from .utils import REPO_ROOT, atomic_write_json, get_device, resolve_path
 
 STUDIES = ("table1", "table2", "table3", "ablations")
@@ -89,7 +94,14 @@ CHECK_FACTOR = 2
 #: of the first target (5 cells in Tables I and II; Table III: 2 targets x every size = 6).
 CHECK_TARGETS = {"table1": 1, "table2": 1, "table3": 2}
 #: Keys of a unit's notebook parameters that say where and how it runs, not what it computes.
-RUN_ONLY_PARAMETERS = ("output_dir", "device", "num_threads", "cache_dir", "show_progress")
+RUN_ONLY_PARAMETERS = ("output_dir", "device", "num_threads", "cache_dir", "show_progress", "sources_dir")
+#: A sweep's own source models, one per source task, in ``OUT/sources/`` (``prepare_sources``).
+SOURCES_SUBDIR = "sources"
+#: The sources' budget check (rule 1 on each source trained here), beside them.
+SOURCE_CHECKS = "source_checks.csv"
+#: The budget search's default: the table at the preset's budget, checked once at 2x it. ``--max-factor 8``
+#: doubles the candidate (1, 2, 4, 8 x the preset's) until rule v2 accepts one (``find_budget``).
+MAX_FACTOR = 1
 
 
 @dataclass(frozen=True)
@@ -237,13 +249,141 @@ def data_signature(fams: dict, memo_dir=None) -> dict:
     return {name: content_signature(name, root, memo_dir) for name, root in fams.values()}
 
 
-def unit_hash(unit: Unit, cfg: dict, signature: dict, code: str) -> str:
+def unit_hash(unit: Unit, cfg: dict, signature: dict, code: str, source: Optional[str] = None) -> str:
+    """10 hex digits naming what decides the unit's numbers (module docstring); ``source``: the
+    SHA-256 of the sweep's carried model of the unit's source (``prepare_sources``), so a unit is
+    bound to the one model its source is throughout the sweep (a sweep without ``OUT/sources/``,
+    from before they were carried, hashes as it did)."""
     u = asdict(unit)
     if u.get("factor", 1) == 1:  # a table's own cell hashes as before the budget check existed
         u.pop("factor", None)
-    key = json.dumps({"unit": u, "cfg": cfg, "data": signature.get(unit.name), "code": code,
-                      "format": HASH_FORMAT}, sort_keys=True, default=str)
-    return hashlib.sha1(key.encode()).hexdigest()[:10]
+    key = {"unit": u, "cfg": cfg, "data": signature.get(unit.name), "code": code, "format": HASH_FORMAT}
+    if source:
+        key["source"] = source
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- the sweep's sources
+
+def sources_dir(out) -> Path:
+    """``OUT/sources/``: the sweep's source models, one per source task (``prepare_sources``)."""
+    return resolve_path(out) / SOURCES_SUBDIR
+
+
+def unit_sources(units: list, fams: dict) -> dict:
+    """``{(family, dataset, task): data root}`` of every source the units fine-tune from."""
+    return {(u.family, u.name, u.source): fams[u.family][1] for u in units}
+
+
+def source_records(out, units: list, fams: dict, cfg: dict) -> dict:
+    """``{(dataset, task): record}`` of the sweep's carried sources (``sources.read_record``), None
+    for a source whose model ``OUT/sources/`` does not hold yet. A file there that is another model
+    than the units would train (another identity: the preset's source settings or the data changed)
+    or is damaged is a ``SweepError``: it is never replaced behind the finished units' back."""
+    folder = sources_dir(out)
+    got = {}
+    for (_, name, task), root in unit_sources(units, fams).items():
+        try:
+            path, why = SRC.find_carried(SRC.source_identity(name, root, task, cfg), folder)
+            rec = SRC.read_record(name, task, folder)
+        except SRC.CarriedSourceError as err:
+            raise SweepError(str(err)) from None
+        if path is None and rec is not None:
+            raise SweepError(f"{why}: the sweep's units were run with it; give a new --out folder for these settings")
+        got[(name, task)] = rec
+    return got
+
+
+def _copy_carried(name: str, task: str, folder: Path) -> None:
+    """The repository's committed source (``results/sources/``) into ``folder``, record last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in SRC.carried_paths(name, task):
+        tmp = folder / f".{src.name}.tmp"
+        shutil.copy2(src, tmp)
+        os.replace(tmp, folder / src.name)
+
+
+def prepare_sources(out, settings: Settings, units: list, fams: dict, device="auto", workers=None,
+                    log=print) -> pd.DataFrame:
+    """Give every source the units use one model, in ``OUT/sources/``, before any unit runs.
+
+    In order: the sweep's own (already there: kept); the repository's committed model of the
+    same identity (``results/sources/``, accepted by its own committed check: copied with its
+    record); else trained here at the preset's T_s and at 2 T_s (``checks.check_sources``; the
+    models are cached, the missing ones side by side on a CPU), judged by rule 1
+    (``budget.judge_sources``: not more than 0.01 higher at 2 T_s, every tumour source at least
+    0.35) and the T_s model carried with its check row. A source rule 1 does not accept is carried
+    all the same and labelled so: its row in ``OUT/sources/source_checks.csv``, its record's
+    ``source_check``, the report's sources table and the label of every table that uses it.
+    Units then load these and never train a source (notebook 06's ``sources_dir``), so a sweep
+    resumed on another machine, or exported and resumed, uses the same models.
+
+    Returns one row per source: dataset, source, origin (sweep / repository / trained here),
+    own-task Dice, iterations, accepted (rule 1) and the file's SHA-256.
+    """
+    cfg = settings.cfg()
+    folder = sources_dir(out)
+    have = source_records(out, units, fams, cfg)
+    origin = {k: "sweep" for k, r in have.items() if r is not None}
+    train = {}
+    for (fam, name, task), root in unit_sources(units, fams).items():
+        if have[(name, task)] is not None:
+            continue
+        repo, _ = SRC.find_carried(SRC.source_identity(name, root, task, cfg))
+        if repo is not None:
+            _copy_carried(name, task, folder)
+            origin[(name, task)] = "repository"
+            if log:
+                log(f"source {name} {task}: the repository's carried model ({repo.name}), copied into {folder}")
+        else:
+            train.setdefault((fam, name, root), []).append(task)
+    for (fam, name, root), tasks in train.items():
+        if log:
+            log(f"source check of {name} {', '.join(tasks)} (rule 1: T_s and 2 T_s, {len(tasks)} source(s) to train)")
+        chk = check_sources(fam, settings.preset, root=root, tasks=tasks, device=device, log=log, workers=workers,
+                            dataset=name)
+        _merge_source_checks(folder, chk)
+        for r in chk.to_dict("records"):
+            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+            carry_cached(name, root, r["source"], cfg, folder, f"{SOURCES_SUBDIR}/{SOURCE_CHECKS}", log=log, check=row)
+            origin[(name, r["source"])] = "trained here"
+            if log and not r["ok"]:
+                log(f"source {name} {r['source']}: NOT accepted by rule 1 (held-out Dice {r['dice_T']:.4f} at "
+                    f"{r['iterations_T']} iterations, {r['dice_2T']:.4f} at {r['iterations_2T']}); carried, and every "
+                    "table that uses it is labelled so")
+    return sources_table(out, units, fams, cfg, origin)
+
+
+def _merge_source_checks(folder: Path, chk: pd.DataFrame) -> None:
+    f = folder / SOURCE_CHECKS
+    old = pd.read_csv(f) if f.exists() else None
+    if old is not None:
+        keep = ~old.set_index(["dataset", "source"]).index.isin(chk.set_index(["dataset", "source"]).index)
+        chk = pd.concat([old[keep], chk], ignore_index=True)
+    write_csv(chk, f)
+
+
+def source_accepted(rec: dict) -> bool:
+    """Whether rule 1 accepted a carried source's budget: its own check row (trained for the sweep),
+    or the repository's committed check (a repository source is carried only once accepted)."""
+    chk = rec.get("source_check")
+    return bool(chk["ok"]) if chk else True
+
+
+def sources_table(out, units: list, fams: dict, cfg: dict, origin: Optional[dict] = None) -> pd.DataFrame:
+    """One row per source the units use: its carried model's own-task Dice, budget, rule-1 verdict,
+    SHA-256 and where it came from (``origin``, when known)."""
+    rows = []
+    for (name, task), rec in source_records(out, units, fams, cfg).items():
+        if rec is None:
+            rows.append({"dataset": name, "source": task, "origin": "missing"})
+            continue
+        chk = rec.get("source_check") or {}
+        rows.append({"dataset": name, "source": task, "origin": (origin or {}).get((name, task), "sweep"),
+                     "own_task_dice": rec["own_task_dice"], "iterations": rec["identity"]["training"]["iterations"],
+                     "dice_2T": chk.get("dice_2T"), "accepted": source_accepted(rec), "budget_check": rec.get("budget_check"),
+                     "sha256": rec["sha256"][:12], "trained_on": (rec.get("provenance") or {}).get("cpu")})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- the sweep folder
@@ -267,15 +407,17 @@ def open_sweep(out, settings: Settings, studies, planned: Optional[dict] = None)
                              f"give a new --out folder, or delete {out} to start over")
         studies = sorted(set(theirs.get("studies", [])) | set(studies))
         created = theirs.get("created")
+        kept = {k: v for k, v in theirs.items() if k == "budgets"}  # the budget search's record stays
         before = {k: theirs.get(k) or {} for k in ("planned", "budget_check")}
     elif out.exists() and any(out.iterdir()):
         raise SweepError(f"{out} exists and is not a sweep folder (no sweep.json); give a new --out folder")
     else:
         created = time.strftime("%Y-%m-%d %H:%M:%S")
         before = {"planned": {}, "budget_check": {}}
+        kept = {}
     out.mkdir(parents=True, exist_ok=True)
     planned = planned or {}
-    rec = {"settings": mine, "studies": sorted(set(studies)), "created": created}
+    rec = {"settings": mine, "studies": sorted(set(studies)), "created": created, **kept}
     for key, new in (("planned", planned.get("units") or {}), ("budget_check", planned.get("budget_check") or {})):
         merged = {st: sorted(set(before[key].get(st, [])) | set(new.get(st, []))) for st in {*before[key], *new}}
         if merged:
@@ -433,32 +575,115 @@ def rekey(out, cache_dir=None, log=print) -> dict:
 # ----------------------------------------------------------------------------- the command line
 
 def plan(studies, settings: Settings, out, methods=None, sources=None, targets=None, sizes=None,
-         device="auto", num_threads=0, cache_dir=None, budget_check: bool = True) -> tuple:
+         device="auto", num_threads=0, cache_dir=None, budget_check: bool = True, factors=None) -> tuple:
     """(out folder, fams, [(unit, spec, status)]) for ``studies`` under ``settings``: each study's
-    cells, then (``budget_check``) its budget check's sample at ``CHECK_FACTOR`` x the budget."""
+    cells at its budget's multiple (``factors``: ``{study: k}``, or for the ablations ``{family: k}``;
+    default 1), then (``budget_check``) its check sample at twice that (``check_sample``)."""
     fams = families_of(settings)
     units = []
     for st in studies:
         mine = expand(st, settings, fams, methods, sources, targets, sizes)
-        units += mine + (check_sample(st, mine) if budget_check else [])
+        k = (factors or {}).get(st, 1)
+        table = [replace(u, factor=int(k.get(u.family, 1) if isinstance(k, dict) else k)) for u in mine]
+        units += table + (check_sample(st, mine, 2 * int(k)) if budget_check and not isinstance(k, dict) else [])
+    return resolve_path(out), fams, specs_of(units, settings, out, fams, device, num_threads, cache_dir)
+
+
+def specs_of(units: list, settings: Settings, out, fams: dict, device="auto", num_threads=0, cache_dir=None) -> list:
+    """``[(unit, spec, status)]``: each unit's hash (its cell, the preset scaled to its budget, the
+    data's content, the method code and its source model's SHA-256 where the sweep holds it), its
+    runner's spec and whether it is done."""
     cfg, sig, code = settings.cfg(), data_signature(fams, cache_dir), code_version()
     out = resolve_path(out)
+    shas = {k: (r or {}).get("sha256") for k, r in source_records(out, units, fams, cfg).items()}
     rows = []
     for u in units:
         ucfg = P.scale_budget(cfg, u.factor)
-        h = unit_hash(u, ucfg, sig, code)
+        sha = shas.get((u.name, u.source))
+        h = unit_hash(u, ucfg, sig, code, sha)
         spec = unit_spec(out, u, settings, ucfg, h, device, num_threads, cache_dir,  # the cfg that was hashed
-                         data=sig.get(u.name), code=code)
+                         data=sig.get(u.name), code=code, sources_dir=sources_dir(out), source=sha)
         rows.append((u, spec, unit_status(Path(spec["dir"]))))
-    return out, fams, rows
+    return rows
 
 
-def planned_of(rows: list) -> dict:
-    """What ``open_sweep`` records of a plan: each study's table units and budget-check units."""
+def planned_of(rows: list, table_factors: Optional[dict] = None) -> dict:
+    """What ``open_sweep`` records of a plan: each study's table units (at its budget's multiple,
+    ``table_factors``, default 1) and its budget check's other units."""
     out = {"units": {}, "budget_check": {}}
     for u, _, _ in rows:
-        out["units" if u.factor == 1 else "budget_check"].setdefault(u.study, []).append(u.uid)
+        k = (table_factors or {}).get(u.study, 1)
+        k = k.get(u.family, 1) if isinstance(k, dict) else k
+        out["units" if u.factor == k else "budget_check"].setdefault(u.study, []).append(u.uid)
     return out
+
+
+# ----------------------------------------------------------------------------- the budget search
+
+def sample_check(rows_t: list, rows_2t: list) -> Optional[pd.DataFrame]:
+    """Rule v2 on a check sample: ``budget.compare`` of the runs at T (``rows_t``, ``specs_of``'s rows)
+    and at 2T (``rows_2t``); None until every unit of both is done."""
+    frames = []
+    for tag, rows in (("T", rows_t), ("2T", rows_2t)):
+        for _, spec, _ in rows:
+            f = Path(spec["dir"]) / "result.csv"
+            if unit_status(Path(spec["dir"])) != "done":
+                return None
+            frames.append(pd.read_csv(f).assign(budget=tag))
+    both = pd.concat(frames, ignore_index=True)
+    both["family"] = both.dataset
+    if "n_slices" not in both or both.n_slices.isna().all():
+        both = both.drop(columns="n_slices", errors="ignore")
+    return B.compare(both)
+
+
+def find_budget(study: str, units: list, settings: Settings, out, fams: dict, run, max_factor: int = MAX_FACTOR,
+                log=print, **spec_kw) -> dict:
+    """The table's budget by rule v2 on its check sample (``check_sample``), decided by the rule alone:
+    the sample at k and 2k x the preset's budget for k = 1, 2, 4, ... until rule v2 accepts k (no method
+    of the paper's table more than 0.01 higher at 2k) or k reaches ``max_factor``. ``run(rows, "budget_check")``
+    records the rows' units as the study's check in ``sweep.json`` and runs those not done. Returns ``{"max_factor", "checks": [one row per k: iterations, accepted, the largest
+    rise, TRM's gain over vanilla at T and 2T], "table_factor": the accepted k (else ``max_factor``),
+    "accepted": bool}``; an unfinished check (a failed unit) stops the search with ``table_factor`` None."""
+    checks, k = [], 1
+    while True:
+        rows_t = specs_of(check_sample(study, units, k), settings, out, fams, **spec_kw)
+        rows_2t = specs_of(check_sample(study, units, 2 * k), settings, out, fams, **spec_kw)
+        run(rows_t + rows_2t, "budget_check")
+        rows_t = specs_of(check_sample(study, units, k), settings, out, fams, **spec_kw)
+        rows_2t = specs_of(check_sample(study, units, 2 * k), settings, out, fams, **spec_kw)
+        t = sample_check(rows_t, rows_2t)
+        if t is None:
+            if log:
+                log(f"{study}: the check of {k}x is not complete (a unit failed); the search stops here")
+            return {"max_factor": int(max_factor), "checks": checks, "table_factor": None, "accepted": False}
+        g = t[t.gated]
+        trm = t[t.method == "trm"]
+        row = {"factor": k, "iterations_T": int(t.iterations_T.iloc[0]), "iterations_2T": int(t.iterations_2T.iloc[0]),
+               "cells": len(rows_t), "accepted": bool(t.accepted.iloc[0]), "largest_rise": float(g.d_dice.max()),
+               "largest_fall": float(g.d_dice.min()),
+               "trm_gain_pct_T": float(trm.gain_pct_T.mean()) if len(trm) else None,
+               "trm_gain_pct_2T": float(trm.gain_pct_2T.mean()) if len(trm) else None}
+        checks.append(row)
+        if log:
+            log(f"{study}: {row['iterations_T']} vs {row['iterations_2T']} iterations on {row['cells']} cells: "
+                f"{'accepted' if row['accepted'] else 'not accepted'} (largest rise {row['largest_rise']:+.4f}, rule v2: "
+                f"at most +{B.DICE_TOL})")
+        if row["accepted"] or 2 * k > max_factor:
+            return {"max_factor": int(max_factor), "checks": checks, "table_factor": k, "accepted": row["accepted"]}
+        k *= 2
+
+
+def record_budget(out, study: str, info: dict, check_uids: Optional[list] = None) -> None:
+    """``find_budget``'s result into ``sweep.json`` (``budgets``), atomically; ``check_uids``: the
+    search's units that are not the table's (its sample at the other budgets), which replace the
+    study's ``budget_check`` list (during the search it lists every sample unit it runs)."""
+    meta_file = resolve_path(out) / "sweep.json"
+    meta = json.loads(meta_file.read_text())
+    meta.setdefault("budgets", {})[study] = info
+    if check_uids is not None:
+        meta.setdefault("budget_check", {})[study] = sorted(check_uids)
+    atomic_write_json(meta_file, meta)
 
 
 def _split(text):
@@ -493,7 +718,14 @@ def main(argv=None) -> int:
     r.add_argument("--array-parallelism", type=int, default=8, help="slurm: jobs of the array running at once")
     r.add_argument("--no-budget-check", action="store_true",
                    help=f"leave out the budget check (each table's sample of cells at {CHECK_FACTOR}x the budget)")
+    r.add_argument("--max-factor", type=int, default=MAX_FACTOR,
+                   help="the budget search: candidate budgets 1, 2, 4, ... x the preset's up to this multiple, each "
+                        "checked on the table's sample at 2x it (rule v2) until one is accepted; the table runs at the "
+                        "accepted one (else at this multiple, labelled so). Default 1: the preset's budget, checked once")
     r.add_argument("--dry-run", action="store_true", help="list the units and their estimated cost; run nothing")
+    r.add_argument("--sources-only", action="store_true",
+                   help="prepare the sweep's source models (OUT/sources: copied or trained and checked) and stop; on a "
+                        "cluster run this as a job (srun ...) before the sweep, which then trains nothing on the login node")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = sub.add_parser("report", help="tables, statistics and heatmaps of a sweep folder")
     rep.add_argument("out", help="the sweep folder")
@@ -526,13 +758,65 @@ def main(argv=None) -> int:
         return 2
 
 
+def _ladder(max_factor: int) -> list:
+    """The candidate multiples of the preset's budget: 1, 2, 4, ... up to ``max_factor``."""
+    out, k = [], 1
+    while k <= max(1, int(max_factor)):
+        out.append(k)
+        k *= 2
+    return out
+
+
+def _dry_run(args, studies, settings, out, filt, kw, workers) -> int:
+    """``--dry-run``: every unit the sweep may run, with its estimated cost on this machine: per
+    study its check sample at each candidate budget (1, 2, ... x ``--max-factor``, and 2x the
+    largest) and its table at each candidate, then the total if the first candidate is accepted and
+    if none is (the search's worst case)."""
+    fams = families_of(settings)
+    recorded = (json.loads((resolve_path(out) / "sweep.json").read_text()).get("budgets", {})
+                if (resolve_path(out) / "sweep.json").exists() else {})
+    ladder = _ladder(args.max_factor)
+    best = worst = 0.0
+    for st in studies:
+        units = expand(st, settings, fams, *filt)
+        by_k = {}
+        for k in ladder + [2 * ladder[-1]]:
+            check = check_sample(st, units, k) if not args.no_budget_check else []
+            table = [replace(u, factor=k) for u in units] if k in ladder else []
+            rows = specs_of(check + table, settings, out, fams, **kw)
+            est = estimate_seconds([u for u, _, stt in rows if stt != "done"], settings, fams, args.device, args.cache_dir)
+            done = {u.uid for u, _, stt in rows if stt == "done"}
+            by_k[k] = (sum(est.get(u.uid, 0.0) for u in check), sum(est.get(u.uid, 0.0) for u in table),
+                       len(check), len(table), len(done))
+        for k, (c, t, nc, nt, nd) in by_k.items():
+            print(f"{st:<9} {k:>2}x ({nc} sample units ~{c / 3600:5.2f} h" + (f"; table {nt} units ~{t / 3600:5.2f} h" if nt else "")
+                  + f"; {nd} done)")
+        if st == "ablations" or args.no_budget_check:
+            b = w = by_k[1][1]
+        else:
+            b = by_k[1][0] + by_k[2][0] + by_k[1][1]
+            w = sum(v[0] for v in by_k.values()) + by_k[ladder[-1]][1]
+        rec = recorded.get(st, {})
+        print(f"{st:<9} accepted at 1x: ~{b / 3600:.2f} unit-hours; none accepted up to {ladder[-1]}x: ~{w / 3600:.2f} unit-hours"
+              + (f" (recorded: table at {rec.get('table_factor')}x)" if rec else ""))
+        best, worst = best + b, worst + w
+    par = workers if args.executor == "local" else args.array_parallelism
+    print(f"estimated {best / 3600:.2f} to {worst / 3600:.2f} unit-hours on this machine ({args.device}; about "
+          f"{best / 3600 / max(1, par):.2f} to {worst / 3600 / max(1, par):.2f} h with {par} at once), sources not "
+          "counted (they are trained once, before the units; timed now, here: a busy machine inflates it)")
+    return 0
+
+
 def _run(args) -> int:
     studies = list(STUDIES[:3]) if args.study == "all" else _split(args.study)
     for st in studies:
         _check_choice("study", st, STUDIES)
+    studies = sorted(studies, key=STUDIES.index)  # the ablations take the tables' budgets: last
     _check_choice("dataset", args.dataset, DATASETS)
     _check_choice("preset", args.preset, tuple(P.PRESETS))
     _check_choice("executor", args.executor, EXECUTORS)
+    if args.max_factor < 1:
+        raise SweepError(f"--max-factor {args.max_factor}: give 1 (the preset's budget) or a power of 2, e.g. 8")
     overrides = {"iterations": args.iterations} if args.iterations else {}
     settings = Settings(args.dataset, args.data_dir, args.preset, parse_seeds(args.seeds), overrides)
     workers = args.workers or default_workers()
@@ -540,37 +824,59 @@ def _run(args) -> int:
     threads = (args.threads or max(1, n_cpu // workers)) if args.executor == "local" else 0
     out = args.out or f"runs/sweep/{args.dataset}-{args.preset}"
     sizes = [int(x) for x in _split(args.sizes)] if args.sizes else None
+    filt = (_split(args.methods), _split(args.sources), _split(args.targets), sizes)
+    kw = dict(device=args.device, num_threads=threads, cache_dir=args.cache_dir)
     if args.dry_run:
-        out_p, fams, rows = plan(studies, settings, out, _split(args.methods), _split(args.sources),
-                                 _split(args.targets), sizes, args.device, threads, args.cache_dir,
-                                 not args.no_budget_check)
-        est = estimate_seconds([u for u, _, st in rows if st != "done"], settings, fams, args.device, args.cache_dir)
-        total = 0.0
-        for u, spec, st in rows:
-            sec = est.get(u.uid, 0.0)
-            total += sec
-            print(f"{u.uid:<51} {st:<7} {len(u.methods)} methods x {len(u.seeds)} seeds  ~{sec / 60:5.1f} min")
-        par = workers if args.executor == "local" else args.array_parallelism
-        wall = total / max(1, par)
-        print(f"{len(rows)} units ({sum(st == 'done' for *_, st in rows)} done) in {out_p}; "
-              f"estimated {total / 3600:.2f} unit-hours on this machine ({args.device}), about {wall / 3600:.2f} h "
-              f"with {par} at once (timed now, here: a busy machine inflates it)")
-        return 0
+        return _dry_run(args, studies, settings, out, filt, kw, workers)
     if args.executor == "slurm":
         slurm_executor(Path(out) / "slurm", partition=args.partition)  # fail early when submitit/sbatch are missing
-    out_p, fams, rows = plan(studies, settings, out, _split(args.methods), _split(args.sources), _split(args.targets),
-                             sizes, args.device, threads, args.cache_dir, not args.no_budget_check)
-    open_sweep(out_p, settings, studies, planned_of(rows))
-    todo = [spec for _, spec, st in rows if st != "done"]
-    print(f"{len(rows)} units, {len(rows) - len(todo)} already done, {len(todo)} to run -> {out_p}")
+    out_p, fams, rows = plan(studies, settings, out, *filt, budget_check=not args.no_budget_check, **kw)
+    open_sweep(out_p, settings, studies)  # each study's units are put on record as it plans them, before they run
+    src = prepare_sources(out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print)
+    print(f"sources: {len(src)} in {sources_dir(out_p)}, " + ", ".join(
+        f"{r.source} ({r.origin}, Dice {r.own_task_dice:.3f}{'' if r.accepted else ', NOT accepted by rule 1'})"
+        for r in src.itertuples()))
+    if args.sources_only:
+        return 0
+    results = []
+
+    def run(rows, kind=None):
+        plan_rec = planned_of(rows, factors)
+        if kind == "budget_check":
+            plan_rec = {"budget_check": {}}
+            for u, _, _ in rows:
+                plan_rec["budget_check"].setdefault(u.study, []).append(u.uid)
+        open_sweep(out_p, settings, sorted({u.study for u, _, _ in rows}), plan_rec)
+        todo = [spec for _, spec, st in rows if st != "done"]
+        if not todo:
+            return
+        print(f"{len(rows)} units, {len(rows) - len(todo)} already done, {len(todo)} to run -> {out_p}")
+        if args.executor == "local":
+            results.extend(run_local(todo, workers, progress=not args.no_progress))
+        else:
+            ex = slurm_executor(out_p / "slurm", partition=args.partition, time_min=args.time_min,
+                                gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
+                                array_parallelism=args.array_parallelism)
+            results.extend(run_submitit(todo, ex, progress=not args.no_progress))
+
     t0 = time.perf_counter()
-    if args.executor == "local":
-        results = run_local(todo, workers, progress=not args.no_progress)
-    else:
-        ex = slurm_executor(out_p / "slurm", partition=args.partition, time_min=args.time_min,
-                            gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
-                            array_parallelism=args.array_parallelism)
-        results = run_submitit(todo, ex, progress=not args.no_progress)
+    factors = {}
+    budgets = json.loads((out_p / "sweep.json").read_text()).get("budgets", {})
+    for st in studies:
+        if st == "ablations":  # each family's ablations at its table's budget (Table I: tissue, II: tumour)
+            factors[st] = {fam: int((budgets.get(t) or {}).get("table_factor") or 1)
+                           for fam, t in (("tissue", "table1"), ("tumour", "table2"))}
+        elif not args.no_budget_check:
+            units = expand(st, settings, fams, *filt)
+            info = find_budget(st, units, settings, out_p, fams, run, args.max_factor, **kw)
+            budgets[st] = info
+            if info["table_factor"] is None:
+                record_budget(out_p, st, info)
+                continue
+            factors[st] = k = info["table_factor"]
+            ks = sorted({c["factor"] for c in info["checks"]} | {2 * c["factor"] for c in info["checks"]})
+            record_budget(out_p, st, info, [u.uid for f in ks if f != k for u in check_sample(st, units, f)])
+        run(plan([st], settings, out_p, *filt, budget_check=not args.no_budget_check, factors=factors, **kw)[2])
     failed = [r for r in results if r["status"] == "failed"]
     print(f"{len(results) - len(failed)} units finished, {len(failed)} failed in {(time.perf_counter() - t0) / 60:.1f} min"
           + ("; run the same command again to retry the failures" if failed else ""))

@@ -45,14 +45,16 @@ def unit_status(path: Path) -> str:
 
 
 def unit_spec(out: Path, unit, settings, cfg: dict, h: str, device="auto", num_threads=0,
-              cache_dir=None, kernel_name="python3", data: Optional[str] = None, code: Optional[str] = None) -> dict:
+              cache_dir=None, kernel_name="python3", data: Optional[str] = None, code: Optional[str] = None,
+              sources_dir=None, source: Optional[str] = None) -> dict:
     """Everything a worker needs to run ``unit`` (plain data: it crosses process and job boundaries),
-    with ``cfg``, the resolved preset its hash ``h`` was computed from, and (``data``, ``code``)
-    the data signature and code version in that hash, recorded in ``unit.json``."""
+    with ``cfg``, the resolved preset its hash ``h`` was computed from, (``data``, ``code``) the data
+    signature and code version in that hash, recorded in ``unit.json``, and ``sources_dir`` /
+    ``source``: the sweep's carried sources and the SHA-256 of the unit's (None: a sweep without them)."""
     return {"uid": unit.uid, "hash": h, "dir": str(unit_dir(out, unit, h)), "unit": asdict(unit),
             "settings": asdict(settings), "cfg": cfg, "device": device, "num_threads": int(num_threads),
             "cache_dir": str(cache_dir) if cache_dir else None, "kernel_name": kernel_name,
-            "data": data, "code": code}
+            "data": data, "code": code, "sources_dir": str(sources_dir) if sources_dir else None, "source": source}
 
 
 def unit_parameters(spec: dict) -> dict:
@@ -65,7 +67,7 @@ def unit_parameters(spec: dict) -> dict:
             # unit runs exactly what its hash names, even if the preset's defaults change later
             "overrides": {k: v for k, v in spec["cfg"].items() if k != "iterations"}, "output_dir": spec["dir"],
             "device": spec["device"], "num_threads": spec["num_threads"], "cache_dir": spec["cache_dir"],
-            "show_progress": False}
+            "show_progress": False, **({"sources_dir": spec["sources_dir"]} if spec.get("sources_dir") else {})}
 
 
 def _one_line(err: BaseException) -> str:
@@ -91,7 +93,8 @@ def run_unit(spec: dict) -> dict:
     tmp_nb = d / f".{spec['uid']}.running.ipynb"
     t0 = time.perf_counter()
     record = {"uid": spec["uid"], "hash": spec["hash"], "hash_format": HASH_FORMAT, "data_signature": spec.get("data"),
-              "code_version": spec.get("code"), "unit": u, "settings": s, "parameters": params,
+              "code_version": spec.get("code"), "source_sha256": spec.get("source"), "unit": u, "settings": s,
+              "parameters": params,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "machine": machine_info()}
     try:
         (d / "result.csv").unlink(missing_ok=True)

@@ -1,0 +1,71 @@
+"""The budget ladder and "where does TRM help" (``findings.py``) on runs whose answers are known."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trm_utils import findings as F
+
+
+def _runs(cells, dice, factor=1, iterations=100, methods=("vanilla", "trm"), seeds=(0, 1, 2), extra=None):
+    rows = []
+    for i, (src, tgt) in enumerate(cells):
+        for m in methods:
+            for sd in seeds:
+                d = dice(i, m, sd)
+                rows.append({"dataset": "iseg2019", "source": src, "target": tgt, "n_slices": np.nan, "method": m,
+                             "seed": sd, "dice": d, "iterations": iterations * factor, "factor": factor,
+                             "curve": json.dumps([[iterations * factor, d]]), **(extra(i) if extra else {})})
+    return pd.DataFrame(rows)
+
+
+def test_spearman_ci_finds_a_monotone_relation_and_not_noise():
+    x = np.arange(12, dtype=float)
+    up = F.spearman_ci(x, x ** 2, n_boot=300)
+    assert up["rho"] == pytest.approx(1.0) and up["ci_low"] > 0.9 and up["n_cells"] == 12
+    down = F.spearman_ci(x, -x, n_boot=300)
+    assert down["rho"] == pytest.approx(-1.0) and down["ci_high"] < -0.9
+    noise = F.spearman_ci(x, np.random.default_rng(3).permutation(12).astype(float), n_boot=500)
+    assert noise["ci_low"] < 0 < noise["ci_high"]
+    few = F.spearman_ci([1, 2], [2, 1])  # no statistic over fewer than 3 points
+    assert few["n_cells"] == 2 and np.isnan(few["rho"]) and np.isnan(few["ci_low"])
+    assert np.isnan(F.spearman_ci([1, 1, 1, 1], [1, 2, 3, 4])["rho"])  # a constant side: no rank order
+
+
+def test_where_trm_helps_per_table_and_over_all_cells():
+    cells = [(f"S{i}", "T") for i in range(8)]
+    # TRM's gain grows with pixel-LEEP; risk_share_5 is unrelated (alternating)
+    dice = lambda i, m, sd: 0.5 * (1 + 0.01 * i) if m == "trm" else 0.5  # noqa: E731
+    extra = lambda i: {"pixel_leep": -2.0 + 0.1 * i, "map_leep": -1.0, "risk_share_5": [0.1, 0.9][i % 2]}  # noqa: E731
+    runs = _runs(cells, dice, extra=extra)
+    cell_rows, stats = F.where_trm_helps({"t1": runs, "t2": runs.assign(target="U")}, n_boot=300)
+    assert len(cell_rows) == 16 and cell_rows.gain_pct.max() == pytest.approx(7.0)
+    s = stats.set_index(["table", "predictor"])
+    assert s.loc[("t1", "pixel_leep"), "rho"] == pytest.approx(1.0) and s.loc[("t1", "pixel_leep"), "predicts"]
+    assert not s.loc[("t1", "risk_share_5"), "predicts"]
+    assert np.isnan(s.loc[("t1", "map_leep"), "rho"]) and not s.loc[("t1", "map_leep"), "predicts"]  # constant
+    assert s.loc[("all", "pixel_leep"), "n_cells"] == 16
+    line = F.helps_line(stats, "t1")
+    assert "predicts the gain: pixel_leep" in line and "risk_share_5 rho" in line and "map_leep: no statistic" in line
+    fig = F.helps_figure(cell_rows)
+    assert len(fig.axes) == 3
+    # a sweep from before risk_share_5 existed: that predictor is left out, the rest answered
+    _, old = F.where_trm_helps({"t1": runs.drop(columns="risk_share_5")}, n_boot=100)
+    assert set(old.predictor) == {"pixel_leep", "map_leep"}
+
+
+def test_budget_ladder_reads_the_sample_at_every_budget():
+    sample = [("A", "T"), ("B", "T")]
+    rest = [("C", "T")]
+    runs = []
+    for k in (1, 2, 4):  # TRM's gain shrinks as the budget grows: 10 %, 5 %, 2.5 %
+        runs.append(_runs(sample, lambda i, m, sd, k=k: 0.5 * (1 + 0.1 / k) if m == "trm" else 0.5, factor=k))
+    runs.append(_runs(rest, lambda i, m, sd: 0.6, factor=2))  # a table cell at one budget only: not the sample
+    lad = F.budget_ladder(pd.concat(runs, ignore_index=True))
+    trm = lad[lad.method == "trm"].set_index("factor")
+    assert list(trm.index) == [1, 2, 4] and list(trm.iterations) == [100, 200, 400] and set(trm.cells) == {2}
+    assert trm.gain_pct.tolist() == pytest.approx([10.0, 5.0, 2.5])
+    fig = F.ladder_figure({"table1_iseg2019": lad}, {"table1_iseg2019": 1.8})
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()][0] == "trm"
+    assert F.budget_ladder(_runs(rest, lambda i, m, sd: 0.6)).empty  # one budget: no ladder

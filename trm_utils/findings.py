@@ -1,0 +1,163 @@
+"""Two questions a sweep can answer that the paper does not ask: does TRM's gain depend on the budget,
+and where does TRM help?
+
+* ``budget_ladder``: a table's check sample read at every budget the budget search ran
+  (``sweep.find_budget``: 1, 2, 4, ... x the preset's), each method's mean Dice and gain over vanilla
+  at each; ``ladder_figure`` draws the gains against the iterations.
+* ``where_trm_helps``: per cell, TRM's gain over vanilla against three things known before
+  fine-tuning: the cell's global transferability (pixel-LEEP, eq. 3), the dataset-level map's mean
+  (``map_leep``: every pixel scored with its own patch's P(y|z), eq. 4) and how concentrated its risk
+  map is (``risk_share_5``: the share of pixel positions with risk above 5, eq. 6). Spearman's rho
+  with a bootstrap 95 % interval over cells (``spearman_ci``); ``helps_figure`` the scatter plots.
+  A rho whose interval holds 0 predicts nothing, and the report says so.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from .tables import summarize
+
+#: The cell-level quantities ``where_trm_helps`` relates to TRM's gain, with their labels.
+PREDICTORS = {"pixel_leep": "pixel-LEEP (eq. 3)", "map_leep": "dataset map's mean (eq. 4)",
+              "risk_share_5": "share of pixels with risk > 5 (eq. 6)"}
+CELL_KEYS = ["dataset", "source", "target", "n_slices"]
+
+
+def _cell_keys(runs: pd.DataFrame) -> list:
+    return [k for k in CELL_KEYS if k in runs and not (k == "n_slices" and runs[k].isna().all())]
+
+
+def budget_ladder(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each method's mean Dice (std over seeds) and gain over vanilla on a table's check sample, at
+    every budget it ran: ``runs`` are one study's runs at every multiple (``factor`` column); the
+    sample is the cells run at more than one multiple. One row per (factor, method); empty when no
+    cell ran at two budgets."""
+    keys = _cell_keys(runs)
+    n_factors = runs.groupby(keys, dropna=False).factor.nunique()
+    cells = n_factors[n_factors > 1].reset_index()[keys]
+    if cells.empty:
+        return pd.DataFrame(columns=["factor", "iterations", "cells", "method", "dice_mean", "dice_std", "gain_pct"])
+    sample = runs.merge(cells, on=keys)
+    rows = []
+    for k, g in sample.groupby("factor", sort=True):
+        s = summarize(g)
+        for m, r in s.iterrows():
+            rows.append({"factor": int(k), "iterations": int(g.iterations.max()), "cells": len(g.groupby(keys, dropna=False)),
+                         "method": m, "dice_mean": float(r.dice_mean), "dice_std": float(r.dice_std),
+                         "gain_pct": float(r.gain_pct) if pd.notna(r.get("gain_pct")) else np.nan})
+    return pd.DataFrame(rows)
+
+
+def ladder_figure(ladders: dict, paper: dict | None = None):
+    """One panel per table (``ladders``: key -> ``budget_ladder``): each method's gain over vanilla
+    on the check sample against the fine-tuning iterations (log scale), TRM bold; the paper's TRM
+    gain dashed where ``paper`` gives it."""
+    keys = [k for k in sorted(ladders) if len(ladders[k])]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        g = ladders[key]
+        for i, (m, d) in enumerate(g[g.method != "vanilla"].groupby("method", sort=False)):
+            ax.plot(d.iterations, d.gain_pct, marker="o", label=m, lw=2.4 if m == "trm" else 1.2, color=f"C{i}")
+        ax.axhline(0, color="k", lw=0.8)
+        if paper and pd.notna(paper.get(key, np.nan)):
+            ax.axhline(paper[key], color="k", ls="--", lw=1, label="paper: TRM")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fine-tuning iterations")
+        ax.set_ylabel("gain over vanilla (%)")
+        ax.set_title(f"{key} (check sample, {int(g.cells.max())} cells)", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("Gain over vanilla at every budget checked (mean over the sample's cells and seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Spearman's rho of ``x`` and ``y`` (one value per cell), its p-value, and a bootstrap 95 %
+    interval (cells resampled with replacement; resamples with a constant side are skipped). NaN
+    everywhere with fewer than 3 cells (no statistic over fewer than 3 points)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = len(x)
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"n_cells": n, "rho": np.nan, "p": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+    rho, p = spearmanr(x, y)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            boot.append(spearmanr(x[i], y[i])[0])
+    lo, hi = (np.percentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan))
+    return {"n_cells": n, "rho": float(rho), "p": float(p), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def trm_cells(runs: pd.DataFrame, method: str = "trm") -> pd.DataFrame:
+    """One row per cell of a table's runs: vanilla's and ``method``'s mean Dice over seeds, the gain
+    (100 x (method - vanilla) / vanilla) and the cell's ``PREDICTORS`` (one value per cell)."""
+    keys = _cell_keys(runs)
+    mean = runs.groupby(keys + ["method"], dropna=False).dice.mean().unstack("method")
+    if method not in mean or "vanilla" not in mean:
+        return pd.DataFrame()
+    out = pd.DataFrame({"vanilla": mean["vanilla"], method: mean[method]})
+    out["gain_pct"] = 100 * (out[method] - out.vanilla) / out.vanilla
+    preds = [c for c in PREDICTORS if c in runs]
+    feats = runs.groupby(keys, dropna=False)[preds].first()
+    return out.join(feats).reset_index()
+
+
+def where_trm_helps(tables: dict, method: str = "trm", n_boot: int = 2000) -> tuple:
+    """``(cells, stats)`` over the tables' cells (``tables``: key -> that table's runs at its budget):
+    ``cells`` one row per cell (``trm_cells``, with its ``table``), ``stats`` Spearman's rho of the gain
+    with each predictor (``spearman_ci``) per table and over all tables' cells together (``all``),
+    with ``predicts``: whether the 95 % interval excludes 0. A predictor a sweep did not record
+    (``risk_share_5`` before it existed) is left out."""
+    frames = [trm_cells(r, method).assign(table=k) for k, r in tables.items()]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(), pd.DataFrame()
+    cells = pd.concat(frames, ignore_index=True)
+    rows = []
+    groups = [(k, cells[cells.table == k]) for k in cells.table.unique()]
+    if len(groups) > 1:
+        groups.append(("all", cells))
+    for key, g in groups:
+        for p, label in PREDICTORS.items():
+            if p not in g or g[p].isna().all():
+                continue
+            st = spearman_ci(g[p], g.gain_pct, n_boot)
+            rows.append({"table": key, "predictor": p, "label": label, **st,
+                         "predicts": bool(np.isfinite(st["ci_low"]) and (st["ci_low"] > 0 or st["ci_high"] < 0))})
+    return cells, pd.DataFrame(rows)
+
+
+def helps_line(stats: pd.DataFrame, table: str) -> str:
+    """The answer in one line for ``table`` (or ``all``): which predictors' intervals exclude 0."""
+    s = stats[stats.table == table]
+    if s.empty:
+        return f"{table}: no cells with both vanilla and TRM"
+    parts = [f"{r.predictor} rho {r.rho:+.2f} (95% CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, {r.n_cells} cells)"
+             if np.isfinite(r.rho) else f"{r.predictor}: no statistic ({r.n_cells} cells, or one side constant)"
+             for r in s.itertuples()]
+    yes = [r.predictor for r in s.itertuples() if r.predicts]
+    verdict = (f"predicts the gain: {', '.join(yes)}" if yes else "none of them predicts the gain (every interval holds 0)")
+    return f"{table}: " + "; ".join(parts) + f" -> {verdict}"
+
+
+def helps_figure(cells: pd.DataFrame):
+    """TRM's gain over vanilla per cell against each predictor the cells carry, one colour per table."""
+    preds = [p for p in PREDICTORS if p in cells and cells[p].notna().any()]
+    fig, axes = plt.subplots(1, max(1, len(preds)), figsize=(4.2 * max(1, len(preds)), 3.4), squeeze=False)
+    for ax, p in zip(axes[0], preds):
+        for i, (k, g) in enumerate(cells.groupby("table", sort=True)):
+            ax.scatter(g[p], g.gain_pct, s=16, color=f"C{i}", label=k, alpha=0.8)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel(PREDICTORS[p])
+        ax.set_ylabel("TRM gain over vanilla (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Where does TRM help? One point per cell (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
