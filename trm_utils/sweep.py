@@ -430,13 +430,15 @@ def open_sweep(out, settings: Settings, studies, planned: Optional[dict] = None)
 
 # ----------------------------------------------------------------------------- cost estimate
 
-def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto", cache_dir=None) -> dict:
+def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto", cache_dir=None,
+                     timed: Optional[dict] = None) -> dict:
     """A rough cost per unit on this machine: 5 timed iterations of ``finetune_cell`` with the
     unit's number of runs on random data of the preset's size, times its iterations, plus
-    source pre-training where the source model is not cached and ~10 % for evaluation."""
+    source pre-training where the source model is not cached and ~10 % for evaluation.
+    ``timed``: a dict shared between calls, so each (dataset, runs) is timed once."""
     cfg = settings.cfg()
     dev = get_device(device)
-    timed = {}
+    timed = {} if timed is None else timed
 
     def per_iteration(name, n_runs):
         key = (name, n_runs)
@@ -447,9 +449,10 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto",
             data = (torch.rand(4 * cfg["batch_size"], 1, size, size, generator=g),
                     torch.randint(0, model.num_classes, (4 * cfg["batch_size"], size, size), generator=g))
             runs = [("vanilla", i) for i in range(n_runs)]
-            finetune_cell(model, data, runs, iterations=2, lr=1e-3, batch_size=cfg["batch_size"], device=dev)
+            kw = dict(lr=1e-3, batch_size=cfg["batch_size"], device=dev, show_progress=False)
+            finetune_cell(model, data, runs, iterations=2, **kw)
             t0 = time.perf_counter()
-            finetune_cell(model, data, runs, iterations=5, lr=1e-3, batch_size=cfg["batch_size"], device=dev)
+            finetune_cell(model, data, runs, iterations=5, **kw)
             timed[key] = (time.perf_counter() - t0) / 5
         return timed[key]
 
@@ -777,6 +780,7 @@ def _dry_run(args, studies, settings, out, filt, kw, workers) -> int:
                 if (resolve_path(out) / "sweep.json").exists() else {})
     ladder = _ladder(args.max_factor)
     best = worst = 0.0
+    timed = {}
     for st in studies:
         units = expand(st, settings, fams, *filt)
         by_k = {}
@@ -784,15 +788,16 @@ def _dry_run(args, studies, settings, out, filt, kw, workers) -> int:
             check = check_sample(st, units, k) if not args.no_budget_check else []
             table = [replace(u, factor=k) for u in units] if k in ladder else []
             rows = specs_of(check + table, settings, out, fams, **kw)
-            est = estimate_seconds([u for u, _, stt in rows if stt != "done"], settings, fams, args.device, args.cache_dir)
+            est = estimate_seconds([u for u, _, stt in rows if stt != "done"], settings, fams, args.device, args.cache_dir,
+                                   timed)
             done = {u.uid for u, _, stt in rows if stt == "done"}
             by_k[k] = (sum(est.get(u.uid, 0.0) for u in check), sum(est.get(u.uid, 0.0) for u in table),
                        len(check), len(table), len(done))
         for k, (c, t, nc, nt, nd) in by_k.items():
             print(f"{st:<9} {k:>2}x ({nc} sample units ~{c / 3600:5.2f} h" + (f"; table {nt} units ~{t / 3600:5.2f} h" if nt else "")
                   + f"; {nd} done)")
-        if st == "ablations" or args.no_budget_check:
-            b = w = by_k[1][1]
+        if st == "ablations" or args.no_budget_check:  # the ablations run at their tables' budgets
+            b, w = by_k[1][1], (by_k[ladder[-1]][1] if st == "ablations" else by_k[1][1])
         else:
             b = by_k[1][0] + by_k[2][0] + by_k[1][1]
             w = sum(v[0] for v in by_k.values()) + by_k[ladder[-1]][1]
@@ -802,8 +807,8 @@ def _dry_run(args, studies, settings, out, filt, kw, workers) -> int:
         best, worst = best + b, worst + w
     par = workers if args.executor == "local" else args.array_parallelism
     print(f"estimated {best / 3600:.2f} to {worst / 3600:.2f} unit-hours on this machine ({args.device}; about "
-          f"{best / 3600 / max(1, par):.2f} to {worst / 3600 / max(1, par):.2f} h with {par} at once), sources not "
-          "counted (they are trained once, before the units; timed now, here: a busy machine inflates it)")
+          f"{best / 3600 / max(1, par):.2f} to {worst / 3600 / max(1, par):.2f} h with {par} at once; a source neither "
+          "carried nor cached counted once, at T_s; timed now, here: a busy machine inflates it)")
     return 0
 
 
