@@ -17,7 +17,8 @@ Printed per cell: seconds per run-iteration of each (median over reps), the rati
 (per run-iteration, evaluation included), and the held-out pass's share of the fine-tuning time
 (``(t - no_eval) / t``) before and after. ``plain`` and ``cached`` must give every run the same
 held-out Dice at every evaluation (checked here, and in ``tests/test_batched.py``). Ratios only:
-the machine's load moves all three alike because they are interleaved.
+the machine's load moves all three alike because they are interleaved. One thread by default, as a
+sweep's units run on the CPU (``--workers 2 --threads 1``).
 """
 from __future__ import annotations
 
@@ -81,7 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cells", default="tissue,tumour")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, as a sweep's units run: one per core)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = {"machine": machine_info(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            "cells": []}
     for fam in args.cells.split(","):

@@ -481,6 +481,9 @@ def test_sweep_killed_and_resumed(tmp_path, settings):
     # export: the result files only, which report reads like the original
     assert S.main(["export", str(out), str(tmp_path / "shared")]) == 0
     assert not list((tmp_path / "shared").rglob("*.ipynb"))
+    # with the sweep's source models, byte for byte: a resume from the copy uses the same ones
+    mine = {f.name: f.read_bytes() for f in (out / "sources").glob("*") if f.is_file()}
+    assert mine and {f.name: f.read_bytes() for f in (tmp_path / "shared" / "sources").glob("*")} == mine
     R.write_report(tmp_path / "shared", n_boot=200)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "shared" / "report" / "table1_iseg2019_grid.csv"), grid)
     # exporting again brings the copy up to date: nothing new here, so nothing copied and nothing changed

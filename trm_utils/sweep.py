@@ -475,8 +475,10 @@ def _source_cached(u: Unit, fams: dict, cfg: dict, cache_dir) -> bool:
 
 
 def export(out, dest) -> int:
-    """Copy a sweep's settings and its finished units' result files (``unit.json``,
-    ``result.csv``, ``cell.json``; not the executed notebooks or figures) into ``dest``, which
+    """Copy a sweep's settings, its source models (``sources/``: a resume from the copy uses the
+    same models; byte-identical copies of the repository's ``results/sources/`` cost git nothing) and
+    its finished units' result files (``unit.json``, ``result.csv``, ``cell.json``; not the executed
+    notebooks or figures) into ``dest``, which
     ``report`` reads like the original. ``dest`` is a new folder, or an earlier export of the same
     sweep (same settings), which is brought up to date: units finished since are added, a unit
     re-run under the same name replaced (a sweep committed as its units land). Returns the number
@@ -506,6 +508,14 @@ def export(out, dest) -> int:
                 shutil.copy2(d / f, tmp)
                 os.replace(tmp, target / f)
         n += 1
+    srcs = sorted((src / SOURCES_SUBDIR).glob("*"), key=lambda f: f.suffix == ".json")  # each record after its model
+    for f in srcs:
+        target = dst / SOURCES_SUBDIR / f.name
+        if f.is_file() and not (target.exists() and target.read_bytes() == f.read_bytes()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{f.name}.tmp"
+            shutil.copy2(f, tmp)
+            os.replace(tmp, target)
     tmp = dst / ".sweep.json.tmp"
     shutil.copy2(src / "sweep.json", tmp)
     os.replace(tmp, dst / "sweep.json")
