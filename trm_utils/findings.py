@@ -56,15 +56,21 @@ def ladder_figure(ladders: dict, paper: dict | None = None):
     on the check sample against the fine-tuning iterations (log scale), TRM bold; the paper's TRM
     gain dashed where ``paper`` gives it."""
     keys = [k for k in sorted(ladders) if len(ladders[k])]
+    # one colour per method in every panel (Table III has fewer methods than Tables I and II)
+    methods = list(dict.fromkeys(m for k in keys for m in ladders[k].method if m != "vanilla"))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         g = ladders[key]
-        for i, (m, d) in enumerate(g[g.method != "vanilla"].groupby("method", sort=False)):
-            ax.plot(d.iterations, d.gain_pct, marker="o", label=m, lw=2.4 if m == "trm" else 1.2, color=f"C{i}")
+        for m, d in g[g.method != "vanilla"].groupby("method", sort=False):
+            ax.plot(d.iterations, d.gain_pct, marker="o", label=m, lw=2.4 if m == "trm" else 1.2, color=colors[m])
         ax.axhline(0, color="k", lw=0.8)
         if paper and pd.notna(paper.get(key, np.nan)):
             ax.axhline(paper[key], color="k", ls="--", lw=1, label="paper: TRM")
         ax.set_xscale("log", base=2)
+        its = sorted(g.iterations.unique())
+        ax.set_xticks(its, [str(int(i)) for i in its])
+        ax.minorticks_off()
         ax.set_xlabel("fine-tuning iterations")
         ax.set_ylabel("gain over vanilla (%)")
         ax.set_title(f"{key} (check sample, {int(g.cells.max())} cells)", fontsize=10)
