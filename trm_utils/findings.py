@@ -51,22 +51,32 @@ def budget_ladder(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def ladder_figure(ladders: dict, paper: dict | None = None):
-    """One panel per table (``ladders``: key -> ``budget_ladder``): each method's gain over vanilla
-    on the check sample against the fine-tuning iterations (log scale), TRM bold; the paper's TRM
-    gain dashed where ``paper`` gives it."""
-    keys = [k for k in sorted(ladders) if len(ladders[k])]
-    # one colour per method in every panel (Table III has fewer methods than Tables I and II)
-    methods = list(dict.fromkeys(m for k in keys for m in ladders[k].method if m != "vanilla"))
+def gain_panels(frames: dict, x: str, paper: dict | None = None, marker: str = "o", trm_lw: float = 2.4) -> tuple:
+    """One panel per key of ``frames`` (each a frame with ``method``, ``x`` and ``gain_pct``), sorted:
+    every method but vanilla's gain over vanilla against ``x``, one colour per method across the
+    panels (Table III has fewer methods than Tables I and II), TRM bold, the zero line and the paper's
+    TRM gain dashed where ``paper`` gives it. Returns ``(fig, {key: axis})`` for the caller's labels."""
+    keys = [k for k in sorted(frames) if len(frames[k])]
+    methods = list(dict.fromkeys(m for k in keys for m in frames[k].method if m != "vanilla"))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        g = ladders[key]
+        g = frames[key]
         for m, d in g[g.method != "vanilla"].groupby("method", sort=False):
-            ax.plot(d.iterations, d.gain_pct, marker="o", label=m, lw=2.4 if m == "trm" else 1.2, color=colors[m])
+            ax.plot(d[x], d.gain_pct, marker=marker, label=m, lw=trm_lw if m == "trm" else 1.2, color=colors[m])
         ax.axhline(0, color="k", lw=0.8)
         if paper and pd.notna(paper.get(key, np.nan)):
             ax.axhline(paper[key], color="k", ls="--", lw=1, label="paper: TRM")
+    return fig, dict(zip(keys, axes[0]))
+
+
+def ladder_figure(ladders: dict, paper: dict | None = None):
+    """One panel per table (``ladders``: key -> ``budget_ladder``): each method's gain over vanilla
+    on the check sample against the fine-tuning iterations (log scale), TRM bold; the paper's TRM
+    gain dashed where ``paper`` gives it (``gain_panels``)."""
+    fig, axes = gain_panels(ladders, "iterations", paper)
+    for key, ax in axes.items():
+        g = ladders[key]
         ax.set_xscale("log", base=2)
         its = sorted(g.iterations.unique())
         ax.set_xticks(its, [str(int(i)) for i in its])

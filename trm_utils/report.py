@@ -418,18 +418,9 @@ def gain_by_iteration_figure(studies: dict):
     the paper's TRM gain dashed. A gain that shrinks towards the end is one of learning speed; a
     stable one, of where runs end."""
     curves = {k: s["gain_by_iteration"] for k, s in studies.items() if len(s.get("gain_by_iteration", []))}
-    keys = sorted(curves)
-    # one colour per method in every panel (Table III has fewer methods than Tables I and II)
-    methods = list(dict.fromkeys(m for k in keys for m in curves[k].method if m != "vanilla"))
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        g = curves[key]
-        for m, d in g[g.method != "vanilla"].groupby("method", sort=False):
-            ax.plot(d.iteration, d.gain_pct, marker=".", label=m, lw=2.2 if m == "trm" else 1.2, color=colors[m])
-        ax.axhline(0, color="k", lw=0.8)
-        if pd.notna(paper_trm_gain(studies[key])):
-            ax.axhline(paper_trm_gain(studies[key]), color="k", ls="--", lw=1, label="paper: TRM")
+    fig, axes = F.gain_panels(curves, "iteration", {k: paper_trm_gain(studies[k]) for k in curves}, marker=".",
+                              trm_lw=2.2)
+    for key, ax in axes.items():
         ax.set_xlabel("iteration the runs are read at")
         ax.set_ylabel("gain over vanilla (%)")
         ax.set_title(key, fontsize=10)
@@ -638,15 +629,12 @@ def carried_sources(out, runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for rec in SRC.carried_records(folder):
-        name, task = rec["identity"]["dataset"], rec["identity"]["task"]
-        mine = runs[(runs.dataset == name) & (runs.source == task)] if len(runs) else runs
+        row = SRC.record_summary(rec)
+        mine = runs[(runs.dataset == row["dataset"]) & (runs.source == row["source"])] if len(runs) else runs
         shas = set(mine.source_sha256.dropna()) if "source_sha256" in mine else set()
-        chk = rec.get("source_check") or {}
-        rows.append({"dataset": name, "source": task, "own_task_dice": rec["own_task_dice"],
-                     "iterations": rec["identity"]["training"]["iterations"], "dice_2T": chk.get("dice_2T"),
-                     "accepted": bool(chk["ok"]) if chk else True, "budget_check": rec.get("budget_check"),
-                     "sha256": rec["sha256"][:12], "units": int(mine.uid.nunique()) if len(mine) else 0,
-                     "one_model": shas <= {rec["sha256"]}, "trained_on": (rec.get("provenance") or {}).get("cpu")})
+        trained_on = row.pop("trained_on")
+        rows.append({**row, "units": int(mine.uid.nunique()) if len(mine) else 0, "one_model": shas <= {rec["sha256"]},
+                     "trained_on": trained_on})
     return pd.DataFrame(rows)
 
 

@@ -190,6 +190,19 @@ def write_carried(state: dict, identity: dict, own_dice: float, folder=None, bud
     return pt, rec
 
 
+def record_summary(rec: dict) -> dict:
+    """A carried source's record in one row: dataset, source, own-task Dice, budget, its Dice at 2x
+    the budget (where its own check row is kept), whether rule 1 accepted the budget, the check that
+    judged it, the SHA-256 (12 digits) and the CPU that trained it. A record without its own check
+    row is the repository's, committed only once its check accepted it."""
+    chk = rec.get("source_check") or {}
+    return {"dataset": rec["identity"]["dataset"], "source": rec["identity"]["task"],
+            "own_task_dice": rec["own_task_dice"], "iterations": rec["identity"]["training"]["iterations"],
+            "dice_2T": chk.get("dice_2T"), "accepted": bool(chk["ok"]) if chk else True,
+            "budget_check": rec.get("budget_check"), "sha256": rec["sha256"][:12],
+            "trained_on": (rec.get("provenance") or {}).get("cpu")}
+
+
 def carried_records(folder=None) -> list:
     """Every carried source's record, sorted by file name (each checked against its ``.pt``)."""
     folder = Path(folder) if folder is not None else SOURCES_DIR

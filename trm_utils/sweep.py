@@ -363,13 +363,6 @@ def _merge_source_checks(folder: Path, chk: pd.DataFrame) -> None:
     write_csv(chk, f)
 
 
-def source_accepted(rec: dict) -> bool:
-    """Whether rule 1 accepted a carried source's budget: its own check row (trained for the sweep),
-    or the repository's committed check (a repository source is carried only once accepted)."""
-    chk = rec.get("source_check")
-    return bool(chk["ok"]) if chk else True
-
-
 def sources_table(out, units: list, fams: dict, cfg: dict, origin: Optional[dict] = None) -> pd.DataFrame:
     """One row per source the units use: its carried model's own-task Dice, budget, rule-1 verdict,
     SHA-256 and where it came from (``origin``, when known)."""
@@ -378,11 +371,7 @@ def sources_table(out, units: list, fams: dict, cfg: dict, origin: Optional[dict
         if rec is None:
             rows.append({"dataset": name, "source": task, "origin": "missing"})
             continue
-        chk = rec.get("source_check") or {}
-        rows.append({"dataset": name, "source": task, "origin": (origin or {}).get((name, task), "sweep"),
-                     "own_task_dice": rec["own_task_dice"], "iterations": rec["identity"]["training"]["iterations"],
-                     "dice_2T": chk.get("dice_2T"), "accepted": source_accepted(rec), "budget_check": rec.get("budget_check"),
-                     "sha256": rec["sha256"][:12], "trained_on": (rec.get("provenance") or {}).get("cpu")})
+        rows.append({**SRC.record_summary(rec), "origin": (origin or {}).get((name, task), "sweep")})
     return pd.DataFrame(rows)
 
 
@@ -663,9 +652,7 @@ def find_budget(study: str, units: list, settings: Settings, out, fams: dict, ru
         rows_t = specs_of(check_sample(study, units, k), settings, out, fams, **spec_kw)
         rows_2t = specs_of(check_sample(study, units, 2 * k), settings, out, fams, **spec_kw)
         run(rows_t + rows_2t, "budget_check")
-        rows_t = specs_of(check_sample(study, units, k), settings, out, fams, **spec_kw)
-        rows_2t = specs_of(check_sample(study, units, 2 * k), settings, out, fams, **spec_kw)
-        t = sample_check(rows_t, rows_2t)
+        t = sample_check(rows_t, rows_2t)  # reads each unit's status from its folder, as it is now
         if t is None:
             if log:
                 log(f"{study}: the check of {k}x is not complete (a unit failed); the search stops here")
