@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from trm_utils import experiments as E
 from trm_utils import tables as TB
 from trm_utils import presets as P
 from trm_utils import report as R
@@ -510,6 +511,46 @@ def test_submitit_local_executor(tmp_path, settings, fams):
     # few-shot: each seed drew its own subset of 6 slices, recorded
     assert set(runs.n_slices) == {6} and set(runs.subset_seed) == {0, 1} and set(runs.n_train_slices) == {6}
     assert not list((out / "units").glob("*/*.pkl"))  # results are files, not pickles
+
+
+def test_sources_trained_in_a_job_of_their_own(tmp_path, settings, fams, monkeypatch):
+    """A SLURM sweep trains its missing sources in one submitted job (the login node trains
+    nothing) and waits; with nothing left to train it submits no job; the dry run counts the
+    source training still to do (T_s and 2 T_s) and none once the sweep carries the source."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("TRM_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: the job must train
+    out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
+    units = S.expand("table1", settings, fams, sources=["GM-T2"], targets=["WM-T1"])
+    cfg = settings.cfg()
+    t_s = P.source_iterations(cfg, "iseg2019")
+    assert S.source_iterations_to_train(units[0], fams, cfg, out=out) == 3 * t_s
+    assert S.plan_sources(out, units, fams, cfg)["train"] == {("tissue", "iseg2019", fams["tissue"][1]): ["GM-T2"]}
+    ex = U.slurm_executor(out / "slurm", cluster="local", time_min=10, cpus_per_job=1, name="trm-sources")
+    lines = []
+    tab = S.prepare_sources_in_job(ex, out, settings, units, fams, device="cpu", log=lines.append)
+    assert "in job" in lines[0] and "GM-T2" in lines[0]
+    jobs = {p.name for p in (out / "slurm").glob("*_log.out")}
+    assert len(jobs) == 1  # the training ran in the job: its log names the source check
+    assert "source check of iseg2019 GM-T2" in next((out / "slurm").glob("*_log.out")).read_text()
+    assert list(tab.source) == ["GM-T2"] and tab.accepted.notna().all()
+    from trm_utils import sources as SRC
+
+    rec = SRC.read_record("iseg2019", "GM-T2", out / "sources")
+    assert rec is not None and "source_check" in rec
+    assert S.source_iterations_to_train(units[0], fams, cfg, out=out) == 0
+    # nothing left to train: no second job
+    S.prepare_sources_in_job(ex, out, settings, units, fams, device="cpu", log=None)
+    assert {p.name for p in (out / "slurm").glob("*_log.out")} == jobs
+
+
+def test_available_cpus_follow_the_affinity(monkeypatch):
+    from trm_utils import utils as UT
+
+    monkeypatch.setattr(UT.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert UT.available_cpus() == 3
+    assert E.cpu_workers() == (3, 1) and E.cpu_workers(2) == (2, 1)
+    monkeypatch.delattr(UT.os, "sched_getaffinity", raising=False)
+    assert UT.available_cpus() == max(1, os.cpu_count() or 1)
 
 
 def test_timed_out_job_is_requeued_with_the_same_unit():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -31,7 +30,7 @@ from .presets import PRESETS, for_dataset, parse_method
 from .tables import write_csv
 from .train import finetune, train_source
 from .unet import UNet2D
-from .utils import atomic_torch_save, cache_root, get_device, resolve_path, seed_everything
+from .utils import atomic_torch_save, available_cpus, cache_root, get_device, resolve_path, seed_everything
 
 
 def resolve_datasets(dataset: str, data_dir, preset: str = "tutorial", seed: int = 0) -> dict:
@@ -152,8 +151,10 @@ def _train_source_worker(args) -> str:
 
 def cpu_workers(workers: Optional[int] = None) -> tuple:
     """``(workers, threads)`` for jobs run side by side in worker processes on the CPU: ``workers``
-    (default one per core, at most 4) and ``cores // workers`` threads each (at least 1)."""
-    cpus = os.cpu_count() or 1
+    (default one per available core, at most 4) and ``cores // workers`` threads each (at least 1);
+    the cores are those this process may use (``utils.available_cpus``: a SLURM job's allocation,
+    not the node's)."""
+    cpus = available_cpus()
     workers = min(cpus, 4) if workers is None else int(workers)
     return workers, max(1, cpus // workers)
 
@@ -167,7 +168,7 @@ def prepare_sources(jobs, cfg: dict, seed: int = 0, device="auto", cache_dir=Non
     On the CPU, two small U-Nets trained side by side with one thread each do more work per
     second than one after another with both threads (the tutorial's networks are too small to
     keep two threads busy); with ``workers`` > 1 (default: one per CPU core, at most 4) every missing
-    source is trained in a worker process with ``cpu_count // workers`` threads, however many are
+    source is trained in a worker process with ``cores // workers`` threads, however many are
     missing, so a source's numbers do not depend on what was cached. On CUDA, or with
     ``workers=1``, they are trained one after another in this process. A model trained in a
     worker is the same as one trained here with the same number of threads (seeded; cached by the

@@ -51,7 +51,7 @@ from papermill.log import logger as pm_logger
 from traitlets.config import Config
 
 from . import budget as B
-from .utils import REPO_ROOT, atomic_write_json, atomic_write_text
+from .utils import REPO_ROOT, atomic_write_json, atomic_write_text, available_cpus
 
 NOTEBOOKS = ["01_leep", "02_pixel_leep", "03_risk_maps", "04_weighted_finetuning", "05_few_shot", "06_transfer_cell",
              "07_reproduce_paper"]
@@ -199,7 +199,7 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def default_workers() -> int:
     """Two notebooks at once where there are at least 2 cores, else one."""
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    return 2 if available_cpus() >= 2 else 1
 
 
 class NotebookFailures(RuntimeError):
@@ -335,7 +335,7 @@ def run_notebooks(name: str, params: dict, notebooks=NOTEBOOKS, runs_dir=None, l
     if rest:
         rest.sort(key=lambda j: LONGEST_FIRST.index(j["nb"]) if j["nb"] in LONGEST_FIRST else len(LONGEST_FIRST))
         saved = {v: os.environ.get(v) for v in _THREAD_VARS}
-        os.environ.update({v: str(max(1, (os.cpu_count() or 1) // workers)) for v in _THREAD_VARS})
+        os.environ.update({v: str(max(1, available_cpus() // workers)) for v in _THREAD_VARS})
         try:
             with ThreadPoolExecutor(workers) as pool:
                 for f in [pool.submit(execute, job) for job in rest]:

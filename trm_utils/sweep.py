@@ -64,7 +64,7 @@ from .report import write_report
 from .units import (HASH_FORMAT, SweepError, default_workers, run_local, run_submitit, slurm_executor, unit_parameters,
                     unit_spec, unit_status)
 from .tables import write_csv
-from .utils import REPO_ROOT, atomic_write_json, get_device, resolve_path
+from .utils import REPO_ROOT, atomic_write_json, available_cpus, get_device, resolve_path
 
 STUDIES = ("table1", "table2", "table3", "ablations")
 DATASETS = ("phantom", "iseg2019", "fets2021", "msd")
@@ -303,14 +303,31 @@ def _copy_carried(name: str, task: str, folder: Path) -> None:
         os.replace(tmp, folder / src.name)
 
 
+def plan_sources(out, units: list, fams: dict, cfg: dict) -> dict:
+    """What ``prepare_sources`` will do with each source the units use, before it does anything:
+    ``{"sweep": [(dataset, task), ...]`` (already in ``OUT/sources/``), ``"repository": [...]`` (the
+    repository's committed model of the same identity, to copy), ``"train": {(family, dataset, root):
+    [task, ...]}``} (to train at T_s and 2 T_s and judge by rule 1)."""
+    have = source_records(out, units, fams, cfg)
+    plan_ = {"sweep": [k for k, r in have.items() if r is not None], "repository": [], "train": {}}
+    for (fam, name, task), root in unit_sources(units, fams).items():
+        if have[(name, task)] is not None:
+            continue
+        if SRC.find_carried(SRC.source_identity(name, root, task, cfg))[0] is not None:
+            plan_["repository"].append((name, task))
+        else:
+            plan_["train"].setdefault((fam, name, root), []).append(task)
+    return plan_
+
+
 def prepare_sources(out, settings: Settings, units: list, fams: dict, device="auto", workers=None,
                     log=print) -> pd.DataFrame:
     """Give every source the units use one model, in ``OUT/sources/``, before any unit runs.
 
-    In order: the sweep's own (already there: kept); the repository's committed model of the
-    same identity (``results/sources/``, accepted by its own committed check: copied with its
-    record); else trained here at the preset's T_s and at 2 T_s (``checks.check_sources``; the
-    models are cached, the missing ones side by side on a CPU), judged by rule 1
+    In order (``plan_sources``): the sweep's own (already there: kept); the repository's committed
+    model of the same identity (``results/sources/``, accepted by its own committed check: copied
+    with its record); else trained here at the preset's T_s and at 2 T_s (``checks.check_sources``;
+    the models are cached, the missing ones side by side on a CPU), judged by rule 1
     (``budget.judge_sources``: not more than 0.01 higher at 2 T_s, every tumour source at least
     0.35) and the T_s model carried with its check row. A source rule 1 does not accept is carried
     all the same and labelled so: its row in ``OUT/sources/source_checks.csv``, its record's
@@ -323,21 +340,15 @@ def prepare_sources(out, settings: Settings, units: list, fams: dict, device="au
     """
     cfg = settings.cfg()
     folder = sources_dir(out)
-    have = source_records(out, units, fams, cfg)
-    origin = {k: "sweep" for k, r in have.items() if r is not None}
-    train = {}
-    for (fam, name, task), root in unit_sources(units, fams).items():
-        if have[(name, task)] is not None:
-            continue
-        repo, _ = SRC.find_carried(SRC.source_identity(name, root, task, cfg))
-        if repo is not None:
-            _copy_carried(name, task, folder)
-            origin[(name, task)] = "repository"
-            if log:
-                log(f"source {name} {task}: the repository's carried model ({repo.name}), copied into {folder}")
-        else:
-            train.setdefault((fam, name, root), []).append(task)
-    for (fam, name, root), tasks in train.items():
+    todo = plan_sources(out, units, fams, cfg)
+    origin = {k: "sweep" for k in todo["sweep"]}
+    for name, task in todo["repository"]:
+        _copy_carried(name, task, folder)
+        origin[(name, task)] = "repository"
+        if log:
+            log(f"source {name} {task}: the repository's carried model "
+                f"({SRC.carried_paths(name, task)[0].name}), copied into {folder}")
+    for (fam, name, root), tasks in todo["train"].items():
         if log:
             log(f"source check of {name} {', '.join(tasks)} (rule 1: T_s and 2 T_s, {len(tasks)} source(s) to train)")
         chk = check_sources(fam, settings.preset, root=root, tasks=tasks, device=device, log=log, workers=workers,
@@ -352,6 +363,29 @@ def prepare_sources(out, settings: Settings, units: list, fams: dict, device="au
                     f"{r['iterations_T']} iterations, {r['dice_2T']:.4f} at {r['iterations_2T']}); carried, and every "
                     "table that uses it is labelled so")
     return sources_table(out, units, fams, cfg, origin)
+
+
+def prepare_sources_in_job(executor, out, settings: Settings, units: list, fams: dict, device="auto",
+                           log=print) -> pd.DataFrame:
+    """``prepare_sources`` with the training done in one job of ``executor`` (a SLURM sweep: the
+    login node that submits the units trains nothing), waited for; then the sources table is read
+    here. Nothing to train: no job (the repository's models are copied here, in seconds). A job
+    that fails is a one-line ``SweepError`` naming its log folder; the models it finished stay
+    cached on the shared file system and its next try trains only the others."""
+    todo = plan_sources(out, units, fams, settings.cfg())
+    if not todo["train"]:
+        return prepare_sources(out, settings, units, fams, device=device, log=log)
+    tasks = [f"{name} {t}" for (_, name, _), ts in todo["train"].items() for t in ts]
+    job = executor.submit(prepare_sources, out, settings, units, fams, device, None, print)
+    if log:
+        log(f"sources: {len(tasks)} to train ({', '.join(tasks)}) in job {job.job_id}; "
+            f"log under {executor.folder}; waiting for it")
+    try:
+        job.result()
+    except Exception as err:
+        raise SweepError(f"the sources job {job.job_id} failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
+                         f"its log is under {executor.folder}; run the same command again to retry") from None
+    return prepare_sources(out, settings, units, fams, device=device, log=log)
 
 
 def _merge_source_checks(folder: Path, chk: pd.DataFrame) -> None:
@@ -420,11 +454,14 @@ def open_sweep(out, settings: Settings, studies, planned: Optional[dict] = None)
 # ----------------------------------------------------------------------------- cost estimate
 
 def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto", cache_dir=None,
-                     timed: Optional[dict] = None) -> dict:
+                     timed: Optional[dict] = None, out=None) -> dict:
     """A rough cost per unit on this machine: 5 timed iterations of ``finetune_cell`` with the
     unit's number of runs on random data of the preset's size, times its iterations, plus
-    source pre-training where the source model is not cached and ~10 % for evaluation.
-    ``timed``: a dict shared between calls, so each (dataset, runs) is timed once."""
+    ~10 % for evaluation and, on the first unit of each source, the source training the sweep
+    will do for it (``source_iterations_to_train``: T_s and 2 T_s for rule 1, none when the
+    sweep's ``OUT/sources/`` or the repository carries it; timed as a one-run fine-tuning iteration,
+    an underestimate: a source trains its encoder too). ``timed``: a dict shared between calls, so
+    each (dataset, runs) is timed once."""
     cfg = settings.cfg()
     dev = get_device(device)
     timed = {} if timed is None else timed
@@ -445,22 +482,32 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto",
             timed[key] = (time.perf_counter() - t0) / 5
         return timed[key]
 
-    out, seen_sources = {}, set()
+    res, seen_sources = {}, set()
     for u in units:
         groups = len(u.seeds) if u.n_slices else 1
         n_runs = len(u.methods) * (1 if u.n_slices else len(u.seeds))
         sec = 1.1 * groups * u.factor * int(P.for_dataset(cfg, u.name)["iterations"]) * per_iteration(u.name, n_runs)
-        if (u.name, u.source) not in seen_sources and not _source_cached(u, fams, cfg, cache_dir):
-            sec += P.source_iterations(cfg, u.name) * per_iteration(u.name, 1)
+        if (u.name, u.source) not in seen_sources:
+            sec += source_iterations_to_train(u, fams, cfg, cache_dir, out) * per_iteration(u.name, 1)
         seen_sources.add((u.name, u.source))
-        out[u.uid] = sec + 5.0  # kernel start-up
-    return out
+        res[u.uid] = sec + 5.0  # kernel start-up
+    return res
 
 
-def _source_cached(u: Unit, fams: dict, cfg: dict, cache_dir) -> bool:
-    """Whether the unit's source needs no training: carried with the repository or cached."""
+def source_iterations_to_train(u: Unit, fams: dict, cfg: dict, cache_dir=None, out=None) -> int:
+    """Source-training iterations the sweep still has to spend on the unit's source: 0 when the
+    sweep's ``OUT/sources/`` (``out``) or the repository carries it; else its rule-1 check, T_s and
+    2 T_s (``checks.check_sources``), each unless this checkout has it cached."""
     root = fams[u.family][1]
-    return E.source_choice(u.name, root, u.source, cfg, cache_dir=cache_dir)[1] != "train"
+    ident = SRC.source_identity(u.name, root, u.source, cfg)
+    if out is not None and SRC.find_carried(ident, sources_dir(out))[0] is not None:
+        return 0
+    if SRC.find_carried(ident)[0] is not None:
+        return 0
+    t_s = P.source_iterations(cfg, u.name)
+    return sum(k * t_s for k in (1, 2)
+               if E.source_choice(u.name, root, u.source, dict(cfg, source_iterations=k * t_s),
+                                  cache_dir=cache_dir)[1] == "train")
 
 
 def export(out, dest) -> int:
@@ -724,8 +771,8 @@ def main(argv=None) -> int:
                         "accepted one (else at this multiple, labelled so). Default 1: the preset's budget, checked once")
     r.add_argument("--dry-run", action="store_true", help="list the units and their estimated cost; run nothing")
     r.add_argument("--sources-only", action="store_true",
-                   help="prepare the sweep's source models (OUT/sources: copied or trained and checked) and stop; on a "
-                        "cluster run this as a job (srun ...) before the sweep, which then trains nothing on the login node")
+                   help="prepare the sweep's source models (OUT/sources: copied or trained and checked) and stop; with "
+                        "--executor slurm the training runs in a job of its own (the login node trains nothing)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = sub.add_parser("report", help="tables, statistics and heatmaps of a sweep folder")
     rep.add_argument("out", help="the sweep folder")
@@ -786,7 +833,7 @@ def _dry_run(args, studies, settings, out, filt, kw, workers) -> int:
             table = [replace(u, factor=k) for u in units] if k in ladder else []
             rows = specs_of(check + table, settings, out, fams, **kw)
             est = estimate_seconds([u for u, _, stt in rows if stt != "done"], settings, fams, args.device, args.cache_dir,
-                                   timed)
+                                   timed, out=out)
             done = {u.uid for u, _, stt in rows if stt == "done"}
             by_k[k] = (sum(est.get(u.uid, 0.0) for u in check), sum(est.get(u.uid, 0.0) for u in table),
                        len(check), len(table), len(done))
@@ -805,7 +852,7 @@ def _dry_run(args, studies, settings, out, filt, kw, workers) -> int:
     par = workers if args.executor == "local" else args.array_parallelism
     print(f"estimated {best / 3600:.2f} to {worst / 3600:.2f} unit-hours on this machine ({args.device}; about "
           f"{best / 3600 / max(1, par):.2f} to {worst / 3600 / max(1, par):.2f} h with {par} at once; a source neither "
-          "carried nor cached counted once, at T_s; timed now, here: a busy machine inflates it)")
+          "carried nor cached counted once, at T_s and 2 T_s; timed now, here: a busy machine inflates it)")
     return 0
 
 
@@ -822,7 +869,7 @@ def _run(args) -> int:
     overrides = {"iterations": args.iterations} if args.iterations else {}
     settings = Settings(args.dataset, args.data_dir, args.preset, parse_seeds(args.seeds), overrides)
     workers = args.workers or default_workers()
-    n_cpu = os.cpu_count() or 1
+    n_cpu = available_cpus()
     threads = (args.threads or max(1, n_cpu // workers)) if args.executor == "local" else 0
     out = args.out or f"runs/sweep/{args.dataset}-{args.preset}"
     sizes = [int(x) for x in _split(args.sizes)] if args.sizes else None
@@ -834,7 +881,12 @@ def _run(args) -> int:
         slurm_executor(Path(out) / "slurm", partition=args.partition)  # fail early when submitit/sbatch are missing
     out_p, fams, rows = plan(studies, settings, out, *filt, budget_check=not args.no_budget_check, **kw)
     open_sweep(out_p, settings, studies)  # each study's units are put on record as it plans them, before they run
-    src = prepare_sources(out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print)
+    if args.executor == "slurm":  # the training, if any, in a job of its own: the login node trains nothing
+        ex_src = slurm_executor(out_p / "slurm", partition=args.partition, time_min=args.time_min,
+                                gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job, name="trm-sources")
+        src = prepare_sources_in_job(ex_src, out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print)
+    else:
+        src = prepare_sources(out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print)
     print(f"sources: {len(src)} in {sources_dir(out_p)}, " + ", ".join(
         f"{r.source} ({r.origin}, Dice {r.own_task_dice:.3f}{'' if r.accepted else ', NOT accepted by rule 1'})"
         for r in src.itertuples()))

@@ -18,7 +18,7 @@ from typing import Optional
 import papermill as pm
 from tqdm.auto import tqdm
 
-from .utils import REPO_ROOT, atomic_write_json, machine_info
+from .utils import REPO_ROOT, atomic_write_json, available_cpus, machine_info
 
 UNIT_NOTEBOOK = REPO_ROOT / "notebooks" / "06_transfer_cell.ipynb"
 #: Version of what a unit's hash covers. 1: the data named by folder path and file times (a
@@ -130,8 +130,8 @@ class UnitJob:
 # ----------------------------------------------------------------------------- executors
 
 def default_workers() -> int:
-    """One worker per 4 cores, at least 1 (each worker's torch gets its share of the cores)."""
-    return max(1, (os.cpu_count() or 1) // 4)
+    """One worker per 4 available cores, at least 1 (each worker's torch gets its share of the cores)."""
+    return max(1, available_cpus() // 4)
 
 
 def run_local(specs: list, workers: int = 1, progress: bool = True, log=print) -> list:
@@ -161,9 +161,9 @@ def _log_result(r: dict, log) -> None:
 
 
 def slurm_executor(folder, cluster: Optional[str] = None, partition=None, time_min: int = 120, gpus_per_job: int = 0,
-                   cpus_per_job: int = 4, mem_gb: int = 16, array_parallelism: int = 8):
-    """A submitit executor for the units (``cluster="local"`` gives submitit's LocalExecutor,
-    for tests only: it starts every job at once)."""
+                   cpus_per_job: int = 4, mem_gb: int = 16, array_parallelism: int = 8, name: str = "trm-sweep"):
+    """A submitit executor for the units, or (``name="trm-sources"``) for the sweep's source training
+    (``cluster="local"`` gives submitit's LocalExecutor, for tests only: it starts every job at once)."""
     try:
         import submitit  # optional: only a SLURM sweep needs it
     except ImportError:
@@ -173,7 +173,7 @@ def slurm_executor(folder, cluster: Optional[str] = None, partition=None, time_m
                          "or use --executor local")
     ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     ex.update_parameters(timeout_min=int(time_min), cpus_per_task=int(cpus_per_job), mem_gb=int(mem_gb),
-                         gpus_per_node=int(gpus_per_job), name="trm-sweep")
+                         gpus_per_node=int(gpus_per_job), name=name)
     if ex.cluster == "slurm":
         ex.update_parameters(slurm_array_parallelism=int(array_parallelism),
                              **({"slurm_partition": partition} if partition else {}))

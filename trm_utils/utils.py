@@ -116,6 +116,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRM_CACHE_DIR", REPO_ROOT / "cache"))
 
 
+def available_cpus() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (a SLURM job, a
+    container or ``taskset`` limits it to its allocation, while ``os.cpu_count()`` counts the whole
+    node), else ``os.cpu_count()``; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """Anchor a relative path at the repository root (not the working directory).
 
@@ -136,7 +146,7 @@ def machine_info() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "cores_available": available_cpus(), "python": platform.python_version()}
     for pkg in ("torch", "numpy"):
         try:
             out[pkg] = version(pkg)
