@@ -657,3 +657,41 @@ def test_gains_table_gives_no_interval_over_fewer_than_three_cells():
     g2 = R.gains_table(runs[runs.source != "GM-T2"], "table1", n_boot=200)
     assert np.isnan(g2.loc["trm", "gain_ci_low"]) and np.isnan(g2.loc["trm", "vs_vanilla_wilcoxon_p"])
     assert g2.loc["trm", "gain_pct"] == pytest.approx(g3.loc["trm", "gain_pct"], rel=0.05)
+
+
+def test_committed_sweep_v4_follows_its_budget_search():
+    """The sweep v4 committed under results/ (built across sessions): every recorded step of each
+    table's budget search is what rule v2 says on the committed units of its sample (read here from
+    the units' own results, not from sweep.json), the search stops at the first accepted step, each
+    table's units run at the budget found, and every source is one model throughout."""
+    from trm_utils import budget as B
+
+    out = REPO_ROOT / "results" / "phantom-v4"
+    meta = json.loads((out / "sweep.json").read_text())
+    rep = R.build_report(out, n_boot=50)
+    runs = pd.concat([rep["runs"], rep["check_runs"]], ignore_index=True)
+    runs["base"] = [u[: -len(f"-x{R._uid_factor(u)}")] if R._uid_factor(u) > 1 else u for u in runs.uid]
+    runs["k"] = [R._uid_factor(u) for u in runs.uid]
+    for study, info in meta.get("budgets", {}).items():
+        sample = {u[: -len(f"-x{R._uid_factor(u)}")] if R._uid_factor(u) > 1 else u
+                  for u in meta["budget_check"][study]}
+        assert len(sample) >= 4
+        checks = info["checks"]
+        for i, c in enumerate(checks):
+            k = c["factor"]
+            assert k == 2 ** i  # doubling from the preset's budget
+            both = pd.concat([runs[runs.base.isin(sample) & (runs.k == k)].assign(budget="T"),
+                              runs[runs.base.isin(sample) & (runs.k == 2 * k)].assign(budget="2T")])
+            assert both.groupby("budget").base.nunique().to_dict() == {"T": len(sample), "2T": len(sample)}
+            both["family"] = both.dataset
+            if "n_slices" not in both or both.n_slices.isna().all():
+                both = both.drop(columns="n_slices", errors="ignore")
+            t = B.compare(both)
+            assert bool(t.accepted.iloc[0]) == c["accepted"], (study, k)
+            assert float(t[t.gated].d_dice.max()) == pytest.approx(c["largest_rise"], abs=1e-9)
+            assert c["accepted"] == (i == len(checks) - 1 and info["accepted"])  # stops at the first accepted
+        if info.get("table_factor"):
+            table = set(meta["planned"].get(study, []))
+            assert table and {R._uid_factor(u) for u in table} == {info["table_factor"]}
+    car = rep["provenance"]["carried"]
+    assert len(car) and car.one_model.all()
