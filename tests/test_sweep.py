@@ -523,7 +523,7 @@ def test_sources_trained_in_a_job_of_their_own(tmp_path, settings, fams, monkeyp
     units = S.expand("table1", settings, fams, sources=["GM-T2"], targets=["WM-T1"])
     cfg = settings.cfg()
     t_s = P.source_iterations(cfg, "iseg2019")
-    assert S.source_iterations_to_train(units[0], fams, cfg, out=out) == 3 * t_s
+    assert S.source_iterations_to_train(units[0], fams, cfg, out) == 3 * t_s
     assert S.plan_sources(out, units, fams, cfg)["train"] == {("tissue", "iseg2019", fams["tissue"][1]): ["GM-T2"]}
     ex = U.slurm_executor(out / "slurm", cluster="local", time_min=10, cpus_per_job=1, name="trm-sources")
     lines = []
@@ -537,7 +537,7 @@ def test_sources_trained_in_a_job_of_their_own(tmp_path, settings, fams, monkeyp
 
     rec = SRC.read_record("iseg2019", "GM-T2", out / "sources")
     assert rec is not None and "source_check" in rec
-    assert S.source_iterations_to_train(units[0], fams, cfg, out=out) == 0
+    assert S.source_iterations_to_train(units[0], fams, cfg, out) == 0
     # nothing left to train: no second job
     S.prepare_sources_in_job(ex, out, settings, units, fams, device="cpu", log=None)
     assert {p.name for p in (out / "slurm").glob("*_log.out")} == jobs

@@ -453,8 +453,8 @@ def open_sweep(out, settings: Settings, studies, planned: Optional[dict] = None)
 
 # ----------------------------------------------------------------------------- cost estimate
 
-def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto", cache_dir=None,
-                     timed: Optional[dict] = None, out=None) -> dict:
+def estimate_seconds(units: list, settings: Settings, fams: dict, out, device="auto", cache_dir=None,
+                     timed: Optional[dict] = None) -> dict:
     """A rough cost per unit on this machine: 5 timed iterations of ``finetune_cell`` with the
     unit's number of runs on random data of the preset's size, times its iterations, plus
     ~10 % for evaluation and, on the first unit of each source, the source training the sweep
@@ -488,23 +488,19 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, device="auto",
         n_runs = len(u.methods) * (1 if u.n_slices else len(u.seeds))
         sec = 1.1 * groups * u.factor * int(P.for_dataset(cfg, u.name)["iterations"]) * per_iteration(u.name, n_runs)
         if (u.name, u.source) not in seen_sources:
-            sec += source_iterations_to_train(u, fams, cfg, cache_dir, out) * per_iteration(u.name, 1)
+            sec += source_iterations_to_train(u, fams, cfg, out, cache_dir) * per_iteration(u.name, 1)
         seen_sources.add((u.name, u.source))
         res[u.uid] = sec + 5.0  # kernel start-up
     return res
 
 
-def source_iterations_to_train(u: Unit, fams: dict, cfg: dict, cache_dir=None, out=None) -> int:
-    """Source-training iterations the sweep still has to spend on the unit's source: 0 when the
-    sweep's ``OUT/sources/`` (``out``) or the repository carries it; else its rule-1 check, T_s and
-    2 T_s (``checks.check_sources``), each unless this checkout has it cached."""
-    root = fams[u.family][1]
-    ident = SRC.source_identity(u.name, root, u.source, cfg)
-    if out is not None and SRC.find_carried(ident, sources_dir(out))[0] is not None:
+def source_iterations_to_train(u: Unit, fams: dict, cfg: dict, out, cache_dir=None) -> int:
+    """Source-training iterations the sweep still has to spend on the unit's source: 0 when
+    ``plan_sources`` takes it from the sweep's ``OUT/sources/`` or the repository; else its rule-1
+    check, T_s and 2 T_s (``checks.check_sources``), each unless this checkout has it cached."""
+    if not plan_sources(out, [u], fams, cfg)["train"]:
         return 0
-    if SRC.find_carried(ident)[0] is not None:
-        return 0
-    t_s = P.source_iterations(cfg, u.name)
+    root, t_s = fams[u.family][1], P.source_iterations(cfg, u.name)
     return sum(k * t_s for k in (1, 2)
                if E.source_choice(u.name, root, u.source, dict(cfg, source_iterations=k * t_s),
                                   cache_dir=cache_dir)[1] == "train")
@@ -832,8 +828,8 @@ def _dry_run(args, studies, settings, out, filt, kw, workers) -> int:
             check = check_sample(st, units, k) if not args.no_budget_check else []
             table = [replace(u, factor=k) for u in units] if k in ladder else []
             rows = specs_of(check + table, settings, out, fams, **kw)
-            est = estimate_seconds([u for u, _, stt in rows if stt != "done"], settings, fams, args.device, args.cache_dir,
-                                   timed, out=out)
+            est = estimate_seconds([u for u, _, stt in rows if stt != "done"], settings, fams, out, args.device,
+                                   args.cache_dir, timed)
             done = {u.uid for u, _, stt in rows if stt == "done"}
             by_k[k] = (sum(est.get(u.uid, 0.0) for u in check), sum(est.get(u.uid, 0.0) for u in table),
                        len(check), len(table), len(done))
