@@ -69,3 +69,13 @@ def test_budget_ladder_reads_the_sample_at_every_budget():
     fig = F.ladder_figure({"table1_iseg2019": lad}, {"table1_iseg2019": 1.8})
     assert [ln.get_label() for ln in fig.axes[0].get_lines()][0] == "trm"
     assert F.budget_ladder(_runs(rest, lambda i, m, sd: 0.6)).empty  # one budget: no ladder
+    # a step still running (one of the sample's two cells in at 8x): its point is marked as partial
+    part = pd.concat(runs + [_runs(sample[:1], lambda i, m, sd: 0.5, factor=8)], ignore_index=True)
+    lad8 = F.budget_ladder(part)
+    assert lad8.set_index(["factor", "method"]).loc[(8, "trm"), "cells"] == 1
+    ax = F.ladder_figure({"table1_iseg2019": lad8}).axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["100", "200", "400", "800\n(1 of 2 cells)"]
+    hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [800]
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_markerfacecolor() == "white"]  # every step whole

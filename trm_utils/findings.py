@@ -73,17 +73,29 @@ def gain_panels(frames: dict, x: str, paper: dict | None = None, marker: str = "
 def ladder_figure(ladders: dict, paper: dict | None = None):
     """One panel per table (``ladders``: key -> ``budget_ladder``): each method's gain over vanilla
     on the check sample against the fine-tuning iterations (log scale), TRM bold; the paper's TRM
-    gain dashed where ``paper`` gives it (``gain_panels``)."""
+    gain dashed where ``paper`` gives it (``gain_panels``). A budget whose units are not all in yet
+    (a search step still running: fewer cells than the sample's) is drawn with hollow markers and its
+    tick says how many cells it holds, so a mean over part of the sample is not read as the sample's."""
     fig, axes = gain_panels(ladders, "iterations", paper)
     for key, ax in axes.items():
         g = ladders[key]
+        n_cells = int(g.cells.max())
+        cells_at = g.groupby("iterations").cells.max()
+        partial = [int(i) for i, c in cells_at.items() if c < n_cells]
+        for line in list(ax.get_lines()):
+            x, y = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
+            hollow = np.isin(x, partial)
+            if len(x) == len(y) and hollow.any() and line.get_marker() not in ("None", None, ""):
+                ax.plot(x[hollow], y[hollow], ls="none", marker=line.get_marker(), color=line.get_color(),
+                        markerfacecolor="white", zorder=line.get_zorder() + 1)
         ax.set_xscale("log", base=2)
         its = sorted(g.iterations.unique())
-        ax.set_xticks(its, [str(int(i)) for i in its])
+        ax.set_xticks(its, [f"{int(i)}\n({int(cells_at[i])} of {n_cells} cells)" if int(i) in partial else str(int(i))
+                            for i in its])
         ax.minorticks_off()
         ax.set_xlabel("fine-tuning iterations")
         ax.set_ylabel("gain over vanilla (%)")
-        ax.set_title(f"{key} (check sample, {int(g.cells.max())} cells)", fontsize=10)
+        ax.set_title(f"{key} (check sample, {n_cells} cells)", fontsize=10)
         ax.legend(fontsize=7)
     fig.suptitle("Gain over vanilla at every budget checked (mean over the sample's cells and seeds)", fontsize=10)
     fig.tight_layout()
