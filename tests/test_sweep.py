@@ -543,6 +543,52 @@ def test_sources_trained_in_a_job_of_their_own(tmp_path, settings, fams, monkeyp
     assert {p.name for p in (out / "slurm").glob("*_log.out")} == jobs
 
 
+def test_a_source_rule_1_does_not_accept_is_searched_by_doubling(tmp_path, settings, fams, monkeypatch):
+    """A source rule 1 rejects at T_s is checked again at 2 T_s vs 4 T_s (the tables' budget search,
+    applied to the source) and carried at the budget the search ends on; its units then fine-tune
+    from that model: their cfg names its budget (and so their hash), the other sources' units hash
+    as before, and a unit runs with it. With the default (max factor 1) it stays at T_s, labelled."""
+    real = S.check_sources
+    steps = []
+
+    def reject_t_s(*a, start=1, **kw):  # rule 1 rejects the first step, whatever the numbers
+        steps.append(start)
+        chk = real(*a, start=start, **kw)
+        return chk.assign(ok=False) if start == 1 else chk
+
+    monkeypatch.setattr(S, "check_sources", reject_t_s)
+    cfg = settings.cfg()
+    t_s = P.source_iterations(cfg, "iseg2019")
+    units = S.expand("table1", settings, fams, sources=["GM-T2"], targets=["WM-T1"])
+    other = S.expand("table1", settings, fams, sources=["WM-T2"], targets=["WM-T1"])
+    lines = []
+    out = S.open_sweep(tmp_path / "sw", settings, ["table1"])
+    tab = S.prepare_sources(out, settings, units, fams, device="cpu", log=lines.append, max_factor=2)
+    assert steps == [1, 2]
+    assert any(f"not accepted by rule 1 at {t_s} iterations" in ln and f"next: {2 * t_s} vs {4 * t_s}" in ln
+               for ln in lines)
+    checks = pd.read_csv(out / "sources" / S.SOURCE_CHECKS)
+    assert sorted(checks.iterations_T) == [t_s, 2 * t_s]  # one row per step of the search
+    from trm_utils import sources as SRC
+
+    rec = SRC.read_record("iseg2019", "GM-T2", out / "sources")
+    assert rec["identity"]["training"]["iterations"] == 2 * t_s and int(tab.iterations.iloc[0]) == 2 * t_s
+    (u, spec, st), = S.specs_of(units, settings, out, fams)
+    assert P.source_iterations(spec["cfg"], "iseg2019") == 2 * t_s and spec["source"] == rec["sha256"]
+    assert spec["hash"] != S.unit_hash(u, cfg, S.data_signature(fams), S.code_version(), rec["sha256"])
+    (uo, spec_o, _), = S.specs_of(other, settings, out, fams)  # a source at T_s: cfg (and hash) as before
+    assert spec_o["cfg"] == cfg
+    res = U.run_local([dict(spec, num_threads=1)], workers=1, progress=False)
+    assert [r["status"] for r in res] == ["done"], res
+    runs = pd.read_csv(Path(spec["dir"]) / "result.csv")
+    assert set(runs.method) >= {"vanilla", "trm"}
+    # the default search (max factor 1): the source stays at T_s, carried and labelled not accepted
+    steps.clear()
+    out1 = S.open_sweep(tmp_path / "sw1", settings, ["table1"])
+    tab1 = S.prepare_sources(out1, settings, units, fams, device="cpu", log=None)
+    assert steps == [1] and int(tab1.iterations.iloc[0]) == t_s and not bool(tab1.accepted.iloc[0])
+
+
 def test_available_cpus_follow_the_affinity(monkeypatch):
     from trm_utils import utils as UT
 

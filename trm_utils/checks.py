@@ -27,18 +27,20 @@ def family_root(family: str, preset: str, data_dir):
 
 def check_sources(family: str, preset: str = "tutorial", data_dir="data", factor: int = 2, log=print,
                   device="auto", root=None, tasks=None, workers: Optional[int] = None,
-                  dataset: Optional[str] = None) -> pd.DataFrame:
+                  dataset: Optional[str] = None, start: int = 1) -> pd.DataFrame:
     """Each source of the family trained at T_s and ``factor`` x T_s (both cached): its held-out
     Dice on its own task at each budget, its status, the change and the verdict. ``tasks``: these
     source tasks instead of the family's main-job grid's (a sweep's), of ``dataset`` (default the
-    family's: a real dataset's name with its ``root``); ``workers``: as ``experiments.prepare_sources``."""
+    family's: a real dataset's name with its ``root``); ``workers``: as ``experiments.prepare_sources``.
+    ``start``: check ``start`` x T_s against ``factor`` x that instead (a step of a source's budget
+    search, ``sweep.prepare_sources``); the rows' ``iterations_T`` / ``iterations_2T`` say which."""
     f = B.family_settings(family)
     name, sources, _ = B.family_tasks(family, preset)
     sources = list(tasks) if tasks else sources
     name = dataset or name
     root = root if root is not None else family_root(family, preset, data_dir)
     base = get_preset(preset)
-    t_s = source_iterations(base, name)
+    t_s = int(start) * source_iterations(base, name)
     trained = {}
     for tag, k in (("T", 1), ("2T", factor)):  # the missing ones side by side on a CPU (E.prepare_sources)
         cfg = dict(base, source_iterations=k * t_s)

@@ -275,6 +275,26 @@ def unit_sources(units: list, fams: dict) -> dict:
     return {(u.family, u.name, u.source): fams[u.family][1] for u in units}
 
 
+def source_cfg(cfg: dict, name: str, iterations: Optional[int]) -> dict:
+    """``cfg`` with dataset ``name``'s source budget set to ``iterations`` (a source that rule 1
+    accepted past the preset's T_s, ``prepare_sources``); ``cfg`` itself when that is T_s or None, so
+    the units of every other source hash as they did."""
+    if iterations is None or int(iterations) == P.source_iterations(cfg, name):
+        return cfg
+    v = cfg.get("source_iterations")
+    return {**cfg, "source_iterations": {**v, name: int(iterations)} if isinstance(v, dict) else int(iterations)}
+
+
+def _search_iterations(rec: Optional[dict], cfg: dict, name: str) -> Optional[int]:
+    """The budget of a carried source's record when it is a step of the source budget search (T_s x 2^j),
+    else None (the preset's T_s: a record at any other budget is another model, refused as before)."""
+    if rec is None:
+        return None
+    its, t_s = int(rec["identity"]["training"]["iterations"]), P.source_iterations(cfg, name)
+    k = its // t_s if its % t_s == 0 else 0
+    return its if k >= 1 and (k & (k - 1)) == 0 else None
+
+
 def source_records(out, units: list, fams: dict, cfg: dict) -> dict:
     """``{(dataset, task): record}`` of the sweep's carried sources (``sources.read_record``), None
     for a source whose model ``OUT/sources/`` does not hold yet. A file there that is another model
@@ -284,8 +304,9 @@ def source_records(out, units: list, fams: dict, cfg: dict) -> dict:
     got = {}
     for (_, name, task), root in unit_sources(units, fams).items():
         try:
-            path, why = SRC.find_carried(SRC.source_identity(name, root, task, cfg), folder)
             rec = SRC.read_record(name, task, folder)
+            its = _search_iterations(rec, cfg, name)
+            path, why = SRC.find_carried(SRC.source_identity(name, root, task, source_cfg(cfg, name, its)), folder)
         except SRC.CarriedSourceError as err:
             raise SweepError(str(err)) from None
         if path is None and rec is not None:
@@ -321,7 +342,7 @@ def plan_sources(out, units: list, fams: dict, cfg: dict) -> dict:
 
 
 def prepare_sources(out, settings: Settings, units: list, fams: dict, device="auto", workers=None,
-                    log=print) -> pd.DataFrame:
+                    log=print, max_factor: int = MAX_FACTOR) -> pd.DataFrame:
     """Give every source the units use one model, in ``OUT/sources/``, before any unit runs.
 
     In order (``plan_sources``): the sweep's own (already there: kept); the repository's committed
@@ -329,8 +350,12 @@ def prepare_sources(out, settings: Settings, units: list, fams: dict, device="au
     with its record); else trained here at the preset's T_s and at 2 T_s (``checks.check_sources``;
     the models are cached, the missing ones side by side on a CPU), judged by rule 1
     (``budget.judge_sources``: not more than 0.01 higher at 2 T_s, every tumour source at least
-    0.35) and the T_s model carried with its check row. A source rule 1 does not accept is carried
-    all the same and labelled so: its row in ``OUT/sources/source_checks.csv``, its record's
+    0.35) and the T_s model carried with its check row. A source rule 1 does not accept at T_s is
+    checked again at 2 T_s vs 4 T_s, and so on by doubling while the next candidate is at most
+    ``max_factor`` x T_s (the tables' budget search, ``find_budget``, applied to the source): it is
+    carried at the first budget accepted (its units then fine-tune from that model, ``source_cfg``).
+    One that no candidate up to ``max_factor`` x T_s passes is carried at the last candidate all the
+    same and labelled so: its rows in ``OUT/sources/source_checks.csv`` (one per step), its record's
     ``source_check``, the report's sources table and the label of every table that uses it.
     Units then load these and never train a source (notebook 06's ``sources_dir``), so a sweep
     resumed on another machine, or exported and resumed, uses the same models.
@@ -349,24 +374,37 @@ def prepare_sources(out, settings: Settings, units: list, fams: dict, device="au
             log(f"source {name} {task}: the repository's carried model "
                 f"({SRC.carried_paths(name, task)[0].name}), copied into {folder}")
     for (fam, name, root), tasks in todo["train"].items():
-        if log:
-            log(f"source check of {name} {', '.join(tasks)} (rule 1: T_s and 2 T_s, {len(tasks)} source(s) to train)")
-        chk = check_sources(fam, settings.preset, root=root, tasks=tasks, device=device, log=log, workers=workers,
-                            dataset=name)
-        _merge_source_checks(folder, chk)
-        for r in chk.to_dict("records"):
-            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
-            carry_cached(name, root, r["source"], cfg, folder, f"{SOURCES_SUBDIR}/{SOURCE_CHECKS}", log=log, check=row)
-            origin[(name, r["source"])] = "trained here"
-            if log and not r["ok"]:
-                log(f"source {name} {r['source']}: NOT accepted by rule 1 (held-out Dice {r['dice_T']:.4f} at "
-                    f"{r['iterations_T']} iterations, {r['dice_2T']:.4f} at {r['iterations_2T']}); carried, and every "
-                    "table that uses it is labelled so")
+        k, left = 1, list(tasks)
+        while left:
+            if log:
+                log(f"source check of {name} {', '.join(left)} (rule 1: {k} x T_s and {2 * k} x T_s, {len(left)} "
+                    "source(s) to train)")
+            chk = check_sources(fam, settings.preset, root=root, tasks=left, device=device, log=log, workers=workers,
+                                dataset=name, start=k)
+            _merge_source_checks(folder, chk)
+            nxt = []
+            for r in chk.to_dict("records"):
+                row = {c: (v.item() if hasattr(v, "item") else v) for c, v in r.items()}
+                if not r["ok"] and 2 * k <= max_factor:
+                    if log:
+                        log(f"source {name} {r['source']}: not accepted by rule 1 at {r['iterations_T']} iterations "
+                            f"(held-out Dice {r['dice_T']:.4f}, {r['dice_2T']:.4f} at {r['iterations_2T']}); next: "
+                            f"{r['iterations_2T']} vs {2 * r['iterations_2T']}")
+                    nxt.append(r["source"])
+                    continue
+                carry_cached(name, root, r["source"], source_cfg(cfg, name, int(r["iterations_T"])), folder,
+                             f"{SOURCES_SUBDIR}/{SOURCE_CHECKS}", log=log, check=row)
+                origin[(name, r["source"])] = "trained here"
+                if log and not r["ok"]:
+                    log(f"source {name} {r['source']}: NOT accepted by rule 1 (held-out Dice {r['dice_T']:.4f} at "
+                        f"{r['iterations_T']} iterations, {r['dice_2T']:.4f} at {r['iterations_2T']}); carried, and "
+                        "every table that uses it is labelled so")
+            left, k = nxt, 2 * k
     return sources_table(out, units, fams, cfg, origin)
 
 
 def prepare_sources_in_job(executor, out, settings: Settings, units: list, fams: dict, device="auto",
-                           log=print) -> pd.DataFrame:
+                           log=print, max_factor: int = MAX_FACTOR) -> pd.DataFrame:
     """``prepare_sources`` with the training done in one job of ``executor`` (a SLURM sweep: the
     login node that submits the units trains nothing), waited for; then the sources table is read
     here. Nothing to train: no job (the repository's models are copied here, in seconds). A job
@@ -374,9 +412,9 @@ def prepare_sources_in_job(executor, out, settings: Settings, units: list, fams:
     cached on the shared file system and its next try trains only the others."""
     todo = plan_sources(out, units, fams, settings.cfg())
     if not todo["train"]:
-        return prepare_sources(out, settings, units, fams, device=device, log=log)
+        return prepare_sources(out, settings, units, fams, device=device, log=log, max_factor=max_factor)
     tasks = [f"{name} {t}" for (_, name, _), ts in todo["train"].items() for t in ts]
-    job = executor.submit(prepare_sources, out, settings, units, fams, device, None, print)
+    job = executor.submit(prepare_sources, out, settings, units, fams, device, None, print, max_factor)
     if log:
         log(f"sources: {len(tasks)} to train ({', '.join(tasks)}) in job {job.job_id}; "
             f"log under {executor.folder}; waiting for it")
@@ -385,14 +423,15 @@ def prepare_sources_in_job(executor, out, settings: Settings, units: list, fams:
     except Exception as err:
         raise SweepError(f"the sources job {job.job_id} failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
                          f"its log is under {executor.folder}; run the same command again to retry") from None
-    return prepare_sources(out, settings, units, fams, device=device, log=log)
+    return prepare_sources(out, settings, units, fams, device=device, log=log, max_factor=max_factor)
 
 
 def _merge_source_checks(folder: Path, chk: pd.DataFrame) -> None:
     f = folder / SOURCE_CHECKS
     old = pd.read_csv(f) if f.exists() else None
     if old is not None:
-        keep = ~old.set_index(["dataset", "source"]).index.isin(chk.set_index(["dataset", "source"]).index)
+        keys = [k for k in ("dataset", "source", "iterations_T") if k in old and k in chk]  # one row per step
+        keep = ~old.set_index(keys).index.isin(chk.set_index(keys).index)
         chk = pd.concat([old[keep], chk], ignore_index=True)
     write_csv(chk, f)
 
@@ -497,7 +536,9 @@ def estimate_seconds(units: list, settings: Settings, fams: dict, out, device="a
 def source_iterations_to_train(u: Unit, fams: dict, cfg: dict, out, cache_dir=None) -> int:
     """Source-training iterations the sweep still has to spend on the unit's source: 0 when
     ``plan_sources`` takes it from the sweep's ``OUT/sources/`` or the repository; else its rule-1
-    check, T_s and 2 T_s (``checks.check_sources``), each unless this checkout has it cached."""
+    check, T_s and 2 T_s (``checks.check_sources``), each unless this checkout has it cached. A lower
+    bound: a source rule 1 rejects at T_s costs the further steps of its search (4 T_s, ...), which
+    are not known before its check (``prepare_sources``)."""
     if not plan_sources(out, [u], fams, cfg)["train"]:
         return 0
     root, t_s = fams[u.family][1], P.source_iterations(cfg, u.name)
@@ -640,10 +681,12 @@ def specs_of(units: list, settings: Settings, out, fams: dict, device="auto", nu
     runner's spec and whether it is done."""
     cfg, sig, code = settings.cfg(), data_signature(fams, cache_dir), code_version()
     out = resolve_path(out)
-    shas = {k: (r or {}).get("sha256") for k, r in source_records(out, units, fams, cfg).items()}
+    recs = source_records(out, units, fams, cfg)
+    shas = {k: (r or {}).get("sha256") for k, r in recs.items()}
     rows = []
     for u in units:
-        ucfg = P.scale_budget(cfg, u.factor)
+        ucfg = source_cfg(P.scale_budget(cfg, u.factor), u.name, _search_iterations(recs.get((u.name, u.source)), cfg,
+                                                                                       u.name))
         sha = shas.get((u.name, u.source))
         h = unit_hash(u, ucfg, sig, code, sha)
         spec = unit_spec(out, u, settings, ucfg, h, device, num_threads, cache_dir,  # the cfg that was hashed
@@ -880,9 +923,11 @@ def _run(args) -> int:
     if args.executor == "slurm":  # the training, if any, in a job of its own: the login node trains nothing
         ex_src = slurm_executor(out_p / "slurm", partition=args.partition, time_min=args.time_min,
                                 gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job, name="trm-sources")
-        src = prepare_sources_in_job(ex_src, out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print)
+        src = prepare_sources_in_job(ex_src, out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print,
+                                     max_factor=args.max_factor)
     else:
-        src = prepare_sources(out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print)
+        src = prepare_sources(out_p, settings, [u for u, _, _ in rows], fams, device=args.device, log=print,
+                              max_factor=args.max_factor)
     print(f"sources: {len(src)} in {sources_dir(out_p)}, " + ", ".join(
         f"{r.source} ({r.origin}, Dice {r.own_task_dice:.3f}{'' if r.accepted else ', NOT accepted by rule 1'})"
         for r in src.itertuples()))
