@@ -715,7 +715,7 @@ def test_committed_sweep_v4_follows_its_budget_search():
     out = REPO_ROOT / "results" / "phantom-v4"
     meta = json.loads((out / "sweep.json").read_text())
     rep = R.build_report(out, n_boot=50)
-    runs = pd.concat([rep["runs"], rep["check_runs"]], ignore_index=True)
+    runs, _ = R.load_sweep(out)  # every unit: the search's steps, the table's and its last check's
     runs["base"] = [u[: -len(f"-x{R._uid_factor(u)}")] if R._uid_factor(u) > 1 else u for u in runs.uid]
     runs["k"] = [R._uid_factor(u) for u in runs.uid]
     for study, info in meta.get("budgets", {}).items():
