@@ -245,6 +245,12 @@ for key, s in rep["studies"].items():
 # TRM's gain over vanilla per cell against each, with Spearman's rho and a bootstrap 95 % interval over cells,
 # per table and over all cells. A predictor whose interval holds 0 predicts nothing; the line under the table says
 # which, if any, do. (A sweep from before `risk_share_5` was recorded has only the first two.)
+#
+# The five cells of one target share that target's images, so the predictors and the gain can both differ by
+# target, and a rho across cells can then be nothing more than "some targets gain more". The `within_*` columns
+# ask the narrower question a user choosing a source has: *for a given target*, does the predictor order the
+# sources by TRM's gain? (Ranks taken within each target and pooled; the interval resamples cells within targets.)
+# In the figure a thin line joins one target's cells.
 
 # %%
 helps = rep.get("helps")

@@ -79,3 +79,43 @@ def test_budget_ladder_reads_the_sample_at_every_budget():
     hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
     assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [800]
     assert not [ln for ln in fig.axes[0].get_lines() if ln.get_markerfacecolor() == "white"]  # every step whole
+
+
+def test_spearman_within_tells_an_order_of_sources_from_a_difference_between_targets():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(["A", "B", "C", "D"], 5)
+    level = np.repeat([0.0, 1.0, 2.0, 3.0], 5)
+    noise = np.concatenate([rng.permutation(5) for _ in range(4)]).astype(float)
+    # between targets only: predictor and gain both follow the target, within a target unrelated
+    x, y = level + 0.01 * np.tile(np.arange(5), 4), level + 0.01 * noise
+    assert F.spearman_ci(x, y, n_boot=300)["ci_low"] > 0.5
+    w = F.spearman_within(x, y, groups, n_boot=500)
+    assert w["n_groups"] == 4 and w["n_cells"] == 20 and w["ci_low"] < w["rho"] < w["ci_high"]
+    assert w["ci_low"] < 0 < w["ci_high"] and w["p"] > 0.05
+    # a real order within every target, hidden across cells by targets that go the other way
+    y2 = -3 * level + 0.1 * np.tile(np.arange(5), 4)
+    assert F.spearman_within(x, y2, groups, n_boot=300)["rho"] == pytest.approx(1.0)
+    assert F.spearman_within(x, y2, groups, n_boot=300)["p"] < 0.01
+    assert F.spearman_ci(x, y2, n_boot=300)["rho"] < 0
+    # one group: Spearman's rho itself; equal groups without ties: the mean of the groups' rhos
+    from scipy.stats import spearmanr
+    a, b = rng.normal(size=7), rng.normal(size=7)
+    assert F.spearman_within(a, b, ["A"] * 7, n_boot=50)["rho"] == pytest.approx(spearmanr(a, b)[0])
+    per = [spearmanr(x[groups == g], y[groups == g])[0] for g in "ABCD"]
+    assert w["rho"] == pytest.approx(np.mean(per))
+    # groups with fewer than 3 cells or a constant side are left out; none left: no statistic
+    few = F.spearman_within([1, 2, 1, 2], [2, 1, 1, 2], ["A", "A", "B", "B"])
+    assert few["n_groups"] == 0 and np.isnan(few["rho"])
+
+
+def test_where_trm_helps_names_a_between_targets_rho():
+    cells = [(f"S{i}", t) for t in ("T", "U", "V") for i in range(4)]
+    lvl = {"T": 0, "U": 1, "V": 2}
+    order = [2, 0, 3, 1]  # within a target the gain does not follow pixel-LEEP
+    dice = lambda i, m, sd: 0.5 * (1 + 0.02 * lvl[cells[i][1]] + 0.001 * order[i % 4]) if m == "trm" else 0.5  # noqa: E731
+    extra = lambda i: {"pixel_leep": lvl[cells[i][1]] + 0.01 * (i % 4), "map_leep": -1.0, "risk_share_5": 0.1}  # noqa: E731
+    _, stats = F.where_trm_helps({"t1": _runs(cells, dice, extra=extra)}, n_boot=300)
+    r = stats.set_index("predictor").loc["pixel_leep"]
+    assert r.predicts and not r.predicts_within and r.within_groups == 3
+    line = F.helps_line(stats, "t1")
+    assert "within 3 targets" in line and "within targets: none" in line and "pixel_leep: a difference between targets" in line

@@ -9,14 +9,18 @@ and where does TRM help?
   (``map_leep``: every pixel scored with its own patch's P(y|z), eq. 4) and how concentrated its risk
   map is (``risk_share_5``: the share of pixel positions with risk above 5, eq. 6). Spearman's rho
   with a bootstrap 95 % interval over cells (``spearman_ci``); ``helps_figure`` the scatter plots.
-  A rho whose interval holds 0 predicts nothing, and the report says so.
+  A rho whose interval holds 0 predicts nothing, and the report says so. Cells of one target share
+  their target's images, so the predictors and the gain can both differ by target; a rho across
+  cells can then be a difference between targets. ``spearman_within`` answers the narrower question
+  (does the predictor order the sources *for a given target*?): ranks taken within each target,
+  pooled, with a bootstrap interval that resamples cells within targets.
 """
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from .tables import summarize
 
@@ -123,6 +127,55 @@ def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
     return {"n_cells": n, "rho": float(rho), "p": float(p), "ci_low": float(lo), "ci_high": float(hi)}
 
 
+def _within_r(x: np.ndarray, y: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Pearson's r of the within-group centred ranks of ``x`` and ``y`` (2-D: one row per resample;
+    the cells sorted by group, group ``k``'s columns starting at ``starts[k]``), pooled over groups (a
+    group with a constant side adds nothing); NaN for a row where no group has an order on both sides."""
+    def centred(v):
+        gid = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, v.shape[1])))
+        span = np.ptp(v, axis=1, keepdims=True) + 1.0
+        r = rankdata((v - v.min(axis=1, keepdims=True)) + gid * span, axis=1)  # ranks never cross groups
+        sizes = np.diff(np.append(starts, v.shape[1]))
+        return r - np.repeat(np.add.reduceat(r, starts, axis=1) / sizes, sizes, axis=1)
+    rx, ry = centred(x), centred(y)
+    den = np.sqrt((rx ** 2).sum(axis=1) * (ry ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(axis=1) / den, np.nan)
+
+
+def spearman_within(x, y, groups, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Spearman's rho of ``x`` and ``y`` *within* groups (here: cells of one target): each side ranked
+    within its group and centred, the centred ranks of all groups pooled into one correlation (a
+    stratified Spearman; with one group it is that group's rho). Groups with fewer than 3 cells are
+    left out (no statistic over fewer than 3 points). ``p``: a permutation test that shuffles ``y``
+    within groups (``n_boot`` shuffles, two-sided); the 95 % interval: a bootstrap that resamples
+    cells within each group. Returns ``n_groups`` and ``n_cells`` used; NaN where no group has 3
+    cells with an order on both sides."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    groups = np.asarray(groups, dtype=object).astype(str)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, groups = x[ok], y[ok], groups[ok]
+    idx = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    idx = [i for i in idx if len(i) >= 3 and np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0]
+    n_cells = int(sum(len(i) for i in idx))
+    nan = {"n_groups": len(idx), "n_cells": n_cells, "rho": np.nan, "p": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+    if not idx:
+        return nan
+    order = np.concatenate(idx)
+    starts = np.cumsum([0] + [len(i) for i in idx[:-1]])
+    rho = float(_within_r(x[order][None], y[order][None], starts)[0])
+    rng = np.random.default_rng(seed)
+    # shuffles of y within groups, and bootstrap resamples of cells within groups (one row each)
+    perm = np.concatenate([rng.permuted(np.tile(i, (n_boot, 1)), axis=1) for i in idx], axis=1)
+    boot = np.concatenate([rng.choice(i, (n_boot, len(i))) for i in idx], axis=1)
+    r_perm = _within_r(np.tile(x[order], (n_boot, 1)), y[perm], starts)
+    r_boot = _within_r(x[boot], y[boot], starts)
+    r_boot = r_boot[np.isfinite(r_boot)]
+    p = float((np.sum(np.abs(r_perm) >= abs(rho) - 1e-12) + 1) / (n_boot + 1))
+    lo, hi = (np.percentile(r_boot, [2.5, 97.5]) if len(r_boot) else (np.nan, np.nan))
+    return {**nan, "rho": rho, "p": p, "ci_low": float(lo), "ci_high": float(hi)}
+
+
 def trm_cells(runs: pd.DataFrame, method: str = "trm") -> pd.DataFrame:
     """One row per cell of a table's runs: vanilla's and ``method``'s mean Dice over seeds, the gain
     (100 x (method - vanilla) / vanilla) and the cell's ``PREDICTORS`` (one value per cell)."""
@@ -141,7 +194,9 @@ def where_trm_helps(tables: dict, method: str = "trm", n_boot: int = 2000) -> tu
     """``(cells, stats)`` over the tables' cells (``tables``: key -> that table's runs at its budget):
     ``cells`` one row per cell (``trm_cells``, with its ``table``), ``stats`` Spearman's rho of the gain
     with each predictor (``spearman_ci``) per table and over all tables' cells together (``all``),
-    with ``predicts``: whether the 95 % interval excludes 0. A predictor a sweep did not record
+    with ``predicts``: whether the 95 % interval excludes 0; beside it the same within targets
+    (``spearman_within``, groups = a table's target: ``within_rho``, ``within_p``, ``within_ci_low``,
+    ``within_ci_high``, ``within_groups``, ``predicts_within``). A predictor a sweep did not record
     (``risk_share_5`` before it existed) is left out."""
     frames = [trm_cells(r, method).assign(table=k) for k, r in tables.items()]
     frames = [f for f in frames if len(f)]
@@ -157,35 +212,64 @@ def where_trm_helps(tables: dict, method: str = "trm", n_boot: int = 2000) -> tu
             if p not in g or g[p].isna().all():
                 continue
             st = spearman_ci(g[p], g.gain_pct, n_boot)
-            rows.append({"table": key, "predictor": p, "label": label, **st,
-                         "predicts": bool(np.isfinite(st["ci_low"]) and (st["ci_low"] > 0 or st["ci_high"] < 0))})
+            wi = spearman_within(g[p], g.gain_pct, g.table + "|" + g.dataset.astype(str) + "|" + g.target.astype(str), n_boot)
+            rows.append({"table": key, "predictor": p, "label": label, **st, "predicts": _excludes_0(st),
+                         "within_rho": wi["rho"], "within_p": wi["p"], "within_ci_low": wi["ci_low"],
+                         "within_ci_high": wi["ci_high"], "within_groups": wi["n_groups"],
+                         "predicts_within": _excludes_0(wi)})
     return cells, pd.DataFrame(rows)
 
 
+def _excludes_0(st: dict) -> bool:
+    return bool(np.isfinite(st["ci_low"]) and (st["ci_low"] > 0 or st["ci_high"] < 0))
+
+
 def helps_line(stats: pd.DataFrame, table: str) -> str:
-    """The answer in one line for ``table`` (or ``all``): which predictors' intervals exclude 0."""
+    """The answer in one line for ``table`` (or ``all``): each predictor's rho across cells and within
+    targets, and which intervals exclude 0. A predictor that predicts across cells but not within
+    targets is named as such: its rho is a difference between targets, not an order of the sources."""
     s = stats[stats.table == table]
     if s.empty:
         return f"{table}: no cells with both vanilla and TRM"
-    parts = [f"{r.predictor} rho {r.rho:+.2f} (95% CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, {r.n_cells} cells)"
-             if np.isfinite(r.rho) else f"{r.predictor}: no statistic ({r.n_cells} cells, or one side constant)"
-             for r in s.itertuples()]
+    parts = []
+    for r in s.itertuples():
+        if not np.isfinite(r.rho):
+            parts.append(f"{r.predictor}: no statistic ({r.n_cells} cells, or one side constant)")
+            continue
+        part = f"{r.predictor} rho {r.rho:+.2f} (95% CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, {r.n_cells} cells"
+        w = getattr(r, "within_rho", np.nan)
+        if np.isfinite(w):
+            part += (f"; within {r.within_groups} targets {w:+.2f}, CI {r.within_ci_low:+.2f} to "
+                     f"{r.within_ci_high:+.2f}")
+        parts.append(part + ")")
     yes = [r.predictor for r in s.itertuples() if r.predicts]
+    within = [r.predictor for r in s.itertuples() if getattr(r, "predicts_within", False)]
     verdict = (f"predicts the gain: {', '.join(yes)}" if yes else "none of them predicts the gain (every interval holds 0)")
+    if "within_rho" in s and s.within_rho.notna().any():
+        verdict += (f"; within targets: {', '.join(within)}" if within else "; within targets: none")
+        between = [p for p in yes if p not in within]
+        if between:
+            verdict += f" ({', '.join(between)}: a difference between targets, not an order of sources)"
     return f"{table}: " + "; ".join(parts) + f" -> {verdict}"
 
 
 def helps_figure(cells: pd.DataFrame):
-    """TRM's gain over vanilla per cell against each predictor the cells carry, one colour per table."""
+    """TRM's gain over vanilla per cell against each predictor the cells carry, one colour per table;
+    a thin line joins the cells of one target (sorted by the predictor), so an order within targets
+    and a difference between them can be told apart by eye."""
     preds = [p for p in PREDICTORS if p in cells and cells[p].notna().any()]
     fig, axes = plt.subplots(1, max(1, len(preds)), figsize=(4.2 * max(1, len(preds)), 3.4), squeeze=False)
     for ax, p in zip(axes[0], preds):
         for i, (k, g) in enumerate(cells.groupby("table", sort=True)):
             ax.scatter(g[p], g.gain_pct, s=16, color=f"C{i}", label=k, alpha=0.8)
+            for _, t in g.groupby(["dataset", "target"], sort=True):
+                t = t.sort_values(p)
+                ax.plot(t[p], t.gain_pct, color=f"C{i}", lw=0.7, alpha=0.45)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel(PREDICTORS[p])
         ax.set_ylabel("TRM gain over vanilla (%)")
         ax.legend(fontsize=7)
-    fig.suptitle("Where does TRM help? One point per cell (mean over seeds)", fontsize=10)
+    fig.suptitle("Where does TRM help? One point per cell (mean over seeds); a line joins one target's cells",
+                 fontsize=10)
     fig.tight_layout()
     return fig

@@ -768,7 +768,10 @@ def report_text(rep: dict) -> str:
                   "Per cell, TRM's gain over vanilla (mean over seeds) against what is known before fine-tuning: "
                   "pixel-LEEP (eq. 3), the dataset-level map's mean (eq. 4) and the share of pixel positions whose risk "
                   "(eq. 6) exceeds 5. Spearman's rho with a bootstrap 95 % interval over cells; a predictor predicts "
-                  "the gain only where its interval excludes 0.", "",
+                  "the gain only where its interval excludes 0. Cells of one target share its images, so a rho across "
+                  "cells can be a difference between targets: `within_*` is the same question within targets (ranks "
+                  "taken per target and pooled; interval from cells resampled within targets; p from shuffles within "
+                  "targets), i.e. whether the predictor orders the sources for a given target.", "",
                   *[f"- {F.helps_line(helps, k)}" for k in helps.table.unique()], "",
                   markdown(helps.drop(columns=["label"]), 3), ""]
     return "\n".join(lines)
