@@ -131,11 +131,12 @@ def _within_r(x: np.ndarray, y: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Pearson's r of the within-group centred ranks of ``x`` and ``y`` (2-D: one row per resample;
     the cells sorted by group, group ``k``'s columns starting at ``starts[k]``), pooled over groups (a
     group with a constant side adds nothing); NaN for a row where no group has an order on both sides."""
+    sizes = np.diff(np.append(starts, x.shape[1]))
+    gid = np.repeat(np.arange(len(starts)), sizes)
+
     def centred(v):
-        gid = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, v.shape[1])))
         span = np.ptp(v, axis=1, keepdims=True) + 1.0
         r = rankdata((v - v.min(axis=1, keepdims=True)) + gid * span, axis=1)  # ranks never cross groups
-        sizes = np.diff(np.append(starts, v.shape[1]))
         return r - np.repeat(np.add.reduceat(r, starts, axis=1) / sizes, sizes, axis=1)
     rx, ry = centred(x), centred(y)
     den = np.sqrt((rx ** 2).sum(axis=1) * (ry ** 2).sum(axis=1))
@@ -208,11 +209,12 @@ def where_trm_helps(tables: dict, method: str = "trm", n_boot: int = 2000) -> tu
     if len(groups) > 1:
         groups.append(("all", cells))
     for key, g in groups:
+        target = g.table + "|" + g.dataset.astype(str) + "|" + g.target.astype(str)  # spearman_within's groups
         for p, label in PREDICTORS.items():
             if p not in g or g[p].isna().all():
                 continue
             st = spearman_ci(g[p], g.gain_pct, n_boot)
-            wi = spearman_within(g[p], g.gain_pct, g.table + "|" + g.dataset.astype(str) + "|" + g.target.astype(str), n_boot)
+            wi = spearman_within(g[p], g.gain_pct, target, n_boot)
             rows.append({"table": key, "predictor": p, "label": label, **st, "predicts": _excludes_0(st),
                          "within_rho": wi["rho"], "within_p": wi["p"], "within_ci_low": wi["ci_low"],
                          "within_ci_high": wi["ci_high"], "within_groups": wi["n_groups"],
@@ -237,15 +239,14 @@ def helps_line(stats: pd.DataFrame, table: str) -> str:
             parts.append(f"{r.predictor}: no statistic ({r.n_cells} cells, or one side constant)")
             continue
         part = f"{r.predictor} rho {r.rho:+.2f} (95% CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, {r.n_cells} cells"
-        w = getattr(r, "within_rho", np.nan)
-        if np.isfinite(w):
-            part += (f"; within {r.within_groups} targets {w:+.2f}, CI {r.within_ci_low:+.2f} to "
+        if np.isfinite(r.within_rho):
+            part += (f"; within {r.within_groups} targets {r.within_rho:+.2f}, CI {r.within_ci_low:+.2f} to "
                      f"{r.within_ci_high:+.2f}")
         parts.append(part + ")")
     yes = [r.predictor for r in s.itertuples() if r.predicts]
-    within = [r.predictor for r in s.itertuples() if getattr(r, "predicts_within", False)]
+    within = [r.predictor for r in s.itertuples() if r.predicts_within]
     verdict = (f"predicts the gain: {', '.join(yes)}" if yes else "none of them predicts the gain (every interval holds 0)")
-    if "within_rho" in s and s.within_rho.notna().any():
+    if s.within_rho.notna().any():
         verdict += (f"; within targets: {', '.join(within)}" if within else "; within targets: none")
         between = [p for p in yes if p not in within]
         if between:
