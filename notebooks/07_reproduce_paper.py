@@ -250,7 +250,9 @@ for key, s in rep["studies"].items():
 # target, and a rho across cells can then be nothing more than "some targets gain more". The `within_*` columns
 # ask the narrower question a user choosing a source has: *for a given target*, does the predictor order the
 # sources by TRM's gain? (Ranks taken within each target and pooled; the interval resamples cells within targets.)
-# In the figure a thin line joins one target's cells.
+# In the figure each table has its own row and scales, one colour per target, and a thin line joins one target's
+# cells. `all` pools only the tables whose budget is accepted: an early-budget table's gains say how fast the methods
+# learn, so it is answered on its own, marked EARLY-BUDGET (hollow points), and kept out of `all`.
 
 # %%
 helps = rep.get("helps")

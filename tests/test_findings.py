@@ -49,7 +49,7 @@ def test_where_trm_helps_per_table_and_over_all_cells():
     line = F.helps_line(stats, "t1")
     assert "predicts the gain: pixel_leep" in line and "risk_share_5 rho" in line and "map_leep: no statistic" in line
     fig = F.helps_figure(cell_rows)
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 6  # one row per table, one panel per predictor
     # a sweep from before risk_share_5 existed: that predictor is left out, the rest answered
     _, old = F.where_trm_helps({"t1": runs.drop(columns="risk_share_5")}, n_boot=100)
     assert set(old.predictor) == {"pixel_leep", "map_leep"}
@@ -119,3 +119,27 @@ def test_where_trm_helps_names_a_between_targets_rho():
     assert r.predicts and not r.predicts_within and r.within_groups == 3
     line = F.helps_line(stats, "t1")
     assert "within 3 targets" in line and "within targets: none" in line and "pixel_leep: a difference between targets" in line
+
+
+def test_where_trm_helps_keeps_an_early_budget_table_out_of_all():
+    cells = [(f"S{i}", "T") for i in range(6)]
+    dice = lambda i, m, sd: 0.5 * (1 + 0.01 * i) if m == "trm" else 0.5  # noqa: E731
+    extra = lambda i: {"pixel_leep": -2.0 + 0.1 * i, "map_leep": -1.0 + 0.05 * (i % 2), "risk_share_5": 0.1}  # noqa: E731
+    runs = _runs(cells, dice, extra=extra)
+    tables = {"t1": runs, "t3": runs.assign(target="U"), "t2": runs.assign(target="V")}
+    cell_rows, stats = F.where_trm_helps(tables, n_boot=200, early=["t2"])
+    s = stats.set_index(["table", "predictor"])
+    # all pools the two accepted tables only; the early one is answered alone and flagged
+    assert s.loc[("all", "pixel_leep"), "n_cells"] == 12 and not s.loc[("all", "pixel_leep"), "early_budget"]
+    assert s.loc[("t2", "pixel_leep"), "early_budget"] and not s.loc[("t1", "pixel_leep"), "early_budget"]
+    assert set(cell_rows[cell_rows.early_budget].table) == {"t2"}
+    assert "EARLY-BUDGET" in F.helps_line(stats, "t2") and "not pooled in `all`" in F.helps_line(stats, "t2")
+    assert "EARLY-BUDGET" not in F.helps_line(stats, "all") and "EARLY-BUDGET" not in F.helps_line(stats, "t1")
+    # one accepted table: nothing to pool; none accepted: all pools everything and is itself early
+    _, one = F.where_trm_helps({"t1": runs, "t2": runs.assign(target="V")}, n_boot=100, early=["t2"])
+    assert "all" not in set(one.table)
+    _, none = F.where_trm_helps(tables, n_boot=100, early=list(tables))
+    a = none.set_index(["table", "predictor"]).loc[("all", "pixel_leep")]
+    assert a.n_cells == 18 and a.early_budget and "not pooled" not in F.helps_line(none, "all")
+    fig = F.helps_figure(cell_rows)
+    assert [a.get_title() for a in fig.axes[::3]] == ["t1", "t2 (early-budget)", "t3"]

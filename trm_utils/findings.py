@@ -191,23 +191,30 @@ def trm_cells(runs: pd.DataFrame, method: str = "trm") -> pd.DataFrame:
     return out.join(feats).reset_index()
 
 
-def where_trm_helps(tables: dict, method: str = "trm", n_boot: int = 2000) -> tuple:
+def where_trm_helps(tables: dict, method: str = "trm", n_boot: int = 2000, early=()) -> tuple:
     """``(cells, stats)`` over the tables' cells (``tables``: key -> that table's runs at its budget):
     ``cells`` one row per cell (``trm_cells``, with its ``table``), ``stats`` Spearman's rho of the gain
-    with each predictor (``spearman_ci``) per table and over all tables' cells together (``all``),
+    with each predictor (``spearman_ci``) per table and over the tables' cells together (``all``),
     with ``predicts``: whether the 95 % interval excludes 0; beside it the same within targets
     (``spearman_within``, groups = a table's target: ``within_rho``, ``within_p``, ``within_ci_low``,
     ``within_ci_high``, ``within_groups``, ``predicts_within``). A predictor a sweep did not record
-    (``risk_share_5`` before it existed) is left out."""
-    frames = [trm_cells(r, method).assign(table=k) for k, r in tables.items()]
+    (``risk_share_5`` before it existed) is left out.
+
+    ``early``: the keys of tables whose budget is not accepted (early-budget: their gains say how fast
+    the methods learn, not where they end). Their cells and rows carry ``early_budget`` True; ``all``
+    pools only the accepted tables (with fewer than two of them, no ``all`` row), unless none is
+    accepted, where it pools every table and is itself early-budget."""
+    early = set(early)
+    frames = [trm_cells(r, method).assign(table=k, early_budget=k in early) for k, r in tables.items()]
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(), pd.DataFrame()
     cells = pd.concat(frames, ignore_index=True)
     rows = []
     groups = [(k, cells[cells.table == k]) for k in cells.table.unique()]
-    if len(groups) > 1:
-        groups.append(("all", cells))
+    pool = cells[~cells.early_budget] if not cells.early_budget.all() else cells
+    if pool.table.nunique() > 1:
+        groups.append(("all", pool))
     for key, g in groups:
         target = g.table + "|" + g.dataset.astype(str) + "|" + g.target.astype(str)  # spearman_within's groups
         for p, label in PREDICTORS.items():
@@ -215,7 +222,8 @@ def where_trm_helps(tables: dict, method: str = "trm", n_boot: int = 2000) -> tu
                 continue
             st = spearman_ci(g[p], g.gain_pct, n_boot)
             wi = spearman_within(g[p], g.gain_pct, target, n_boot)
-            rows.append({"table": key, "predictor": p, "label": label, **st, "predicts": _excludes_0(st),
+            rows.append({"table": key, "early_budget": bool(g.early_budget.any()), "predictor": p, "label": label,
+                         **st, "predicts": _excludes_0(st),
                          "within_rho": wi["rho"], "within_p": wi["p"], "within_ci_low": wi["ci_low"],
                          "within_ci_high": wi["ci_high"], "within_groups": wi["n_groups"],
                          "predicts_within": _excludes_0(wi)})
@@ -240,12 +248,16 @@ def helps_line(stats: pd.DataFrame, table: str) -> str:
             continue
         part = f"{r.predictor} rho {r.rho:+.2f} (95% CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, {r.n_cells} cells"
         if np.isfinite(r.within_rho):
-            part += (f"; within {r.within_groups} targets {r.within_rho:+.2f}, CI {r.within_ci_low:+.2f} to "
+            part += (f"; within {r.within_groups} target{'' if r.within_groups == 1 else 's'} {r.within_rho:+.2f}, "
+                     f"CI {r.within_ci_low:+.2f} to "
                      f"{r.within_ci_high:+.2f}")
         parts.append(part + ")")
     yes = [r.predictor for r in s.itertuples() if r.predicts]
     within = [r.predictor for r in s.itertuples() if r.predicts_within]
     verdict = (f"predicts the gain: {', '.join(yes)}" if yes else "none of them predicts the gain (every interval holds 0)")
+    if "early_budget" in s and s.early_budget.any():
+        verdict += (" [EARLY-BUDGET: these cells' gains are at a budget not accepted, not where the methods end"
+                    + ("; not pooled in `all`]" if table != "all" and not stats.early_budget.all() else "]"))
     if s.within_rho.notna().any():
         verdict += (f"; within targets: {', '.join(within)}" if within else "; within targets: none")
         between = [p for p in yes if p not in within]
@@ -255,22 +267,30 @@ def helps_line(stats: pd.DataFrame, table: str) -> str:
 
 
 def helps_figure(cells: pd.DataFrame):
-    """TRM's gain over vanilla per cell against each predictor the cells carry, one colour per table;
-    a thin line joins the cells of one target (sorted by the predictor), so an order within targets
-    and a difference between them can be told apart by eye."""
+    """TRM's gain over vanilla per cell against each predictor the cells carry: one row of panels per
+    table, each with its own scales (a table whose gains span -100 % would otherwise flatten another's
+    few per cent), one colour per target; a thin line joins one target's cells (sorted by the
+    predictor), so an order within targets and a difference between them can be told apart by eye.
+    An early-budget table's cells are hollow and its row says so."""
     preds = [p for p in PREDICTORS if p in cells and cells[p].notna().any()]
-    fig, axes = plt.subplots(1, max(1, len(preds)), figsize=(4.2 * max(1, len(preds)), 3.4), squeeze=False)
-    for ax, p in zip(axes[0], preds):
-        for i, (k, g) in enumerate(cells.groupby("table", sort=True)):
-            ax.scatter(g[p], g.gain_pct, s=16, color=f"C{i}", label=k, alpha=0.8)
-            for _, t in g.groupby(["dataset", "target"], sort=True):
+    tables = sorted(cells.table.unique())
+    nr, nc = len(tables), max(1, len(preds))
+    fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.0 * nr), squeeze=False)
+    for row, k in zip(axes, tables):
+        g = cells[cells.table == k]
+        early = "early_budget" in g and bool(g.early_budget.any())
+        for ax, p in zip(row, preds):
+            for j, ((_, tgt), t) in enumerate(g.groupby(["dataset", "target"], sort=True)):
                 t = t.sort_values(p)
-                ax.plot(t[p], t.gain_pct, color=f"C{i}", lw=0.7, alpha=0.45)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlabel(PREDICTORS[p])
-        ax.set_ylabel("TRM gain over vanilla (%)")
-        ax.legend(fontsize=7)
-    fig.suptitle("Where does TRM help? One point per cell (mean over seeds); a line joins one target's cells",
-                 fontsize=10)
+                ax.plot(t[p], t.gain_pct, color=f"C{j % 10}", lw=0.7, alpha=0.5)
+                ax.scatter(t[p], t.gain_pct, s=16, edgecolors=f"C{j % 10}",
+                           facecolors="none" if early else f"C{j % 10}", label=str(tgt), alpha=0.85)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xlabel(PREDICTORS[p])
+            ax.set_ylabel("TRM gain (%)")
+            ax.set_title(k + (" (early-budget)" if early else ""), fontsize=9)
+        row[-1].legend(fontsize=6, title="target", title_fontsize=7, loc="best")
+    fig.suptitle("Where does TRM help? TRM's gain over vanilla, one point per cell (mean over seeds); "
+                 "a line joins one target's cells", fontsize=10)
     fig.tight_layout()
     return fig

@@ -599,7 +599,9 @@ def build_report(out, n_boot: int = 2000) -> dict:
                     s["ranking"] = source_ranking(rr)
             rep["studies"][key] = s
     tables = {k: s["runs"] for k, s in rep["studies"].items() if s["study"] != "ablations"}
-    rep["helps_cells"], rep["helps"] = F.where_trm_helps(tables, n_boot=n_boot)
+    early = [k for k, st in rep["studies"].items()
+             if st["study"] != "ablations" and not (st.get("budget_check") or {}).get("accepted")]
+    rep["helps_cells"], rep["helps"] = F.where_trm_helps(tables, n_boot=n_boot, early=early)
     return rep
 
 
@@ -771,7 +773,8 @@ def report_text(rep: dict) -> str:
                   "the gain only where its interval excludes 0. Cells of one target share its images, so a rho across "
                   "cells can be a difference between targets: `within_*` is the same question within targets (ranks "
                   "taken per target and pooled; interval from cells resampled within targets; p from shuffles within "
-                  "targets), i.e. whether the predictor orders the sources for a given target.", "",
+                  "targets), i.e. whether the predictor orders the sources for a given target. `all` pools the tables "
+                  "whose budget is accepted; an early-budget table is answered alone and marked so (`early_budget`).", "",
                   *[f"- {F.helps_line(helps, k)}" for k in helps.table.unique()], "",
                   markdown(helps.drop(columns=["label"]), 3), ""]
     return "\n".join(lines)
