@@ -741,3 +741,31 @@ def test_committed_sweep_v4_follows_its_budget_search():
             assert table and {R._uid_factor(u) for u in table} == {info["table_factor"]}
     car = rep["provenance"]["carried"]
     assert len(car) and car.one_model.all()
+
+
+def test_report_label_names_an_unfinished_search_latest_step():
+    """A table whose budget search has not ended (no ``budgets`` entry yet) says its latest finished
+    step, judged by rule v2 on the sample at k and 2k; an ended search, or one with no step complete,
+    adds nothing."""
+    cells = [("A", "T"), ("B", "T")]
+    rise = {1: 0.0, 2: 0.05, 4: 0.09, 8: 0.095}  # still learning up to 4x, settled from 4x to 8x
+    rows = []
+    for k, r in rise.items():
+        for src, tgt in cells:
+            for m in ("vanilla", "trm"):
+                for sd in (0, 1, 2):
+                    d = 0.3 + r + 0.01 * sd
+                    uid = f"table2-{src}-to-{tgt}" + (f"-x{k}" if k > 1 else "")
+                    rows.append({"study": "table2", "dataset": "fets2021", "uid": uid, "factor": k, "iterations": 400 * k, "source": src, "target": tgt, "n_slices": np.nan,
+                                 "method": m, "seed": sd, "dice": d, "curve": json.dumps([[400 * k, d]])})
+    every = pd.DataFrame(rows)
+    settings = {"budget_check": {"table2": sorted(set(every.uid))}}
+    upto4 = every[every.factor <= 4]
+    s = R.search_so_far(settings, upto4, "table2", "fets2021")
+    assert "2 steps checked, the last 800 vs 1600 iterations not accepted (largest rise +0.0400)" in s
+    s = R.search_so_far(settings, every, "table2", "fets2021")
+    assert "3 steps checked, the last 1600 vs 3200 iterations accepted (largest rise +0.0050)" in s
+    half = every[(every.factor <= 2) | (every.source == "A")]  # 4x has one of the two cells: step 2 not complete
+    assert "1 step checked, the last 400 vs 800" in R.search_so_far(settings, half, "table2", "fets2021")
+    assert R.search_so_far(settings, every[every.factor == 1], "table2", "fets2021") == ""
+    assert R.search_so_far({**settings, "budgets": {"table2": {}}}, every, "table2", "fets2021") == ""

@@ -370,6 +370,35 @@ def check_label(chk: Optional[dict]) -> str:
     return f"EARLY-BUDGET (budget check NOT passed on {chk['cells']} cells, {its}: {size})"
 
 
+def search_so_far(settings: dict, every: pd.DataFrame, study: str, dataset: str) -> str:
+    """For a table whose budget search has not ended (``sweep.json`` records a search's steps under
+    ``budgets`` only when it ends): its latest finished step, judged by rule v2 (``budget.compare``)
+    on the sample's runs at k and 2k x the preset's budget, as a clause for the table's label. '' when
+    the search has ended, the sweep ran without one, or no step has both budgets complete."""
+    if study in (settings.get("budgets") or {}) or not len(every) or "factor" not in every:
+        return ""
+    uids = set((settings.get("budget_check") or {}).get(study) or [])
+    e = every[(every.study == study) & (every.dataset == dataset) & every.uid.isin(uids)]
+    if e.empty:
+        return ""
+    base = lambda u: u[: -len(f"-x{_uid_factor(u)}")] if _uid_factor(u) > 1 else u  # noqa: E731
+    sample = {base(u) for u in uids}
+    done = {k: {base(u) for u in g.uid.unique()} for k, g in e.groupby("factor")}
+    steps = [k for k in sorted(done) if done[k] == sample and done.get(2 * k) == sample]
+    if not steps:
+        return ""
+    k = steps[-1]
+    both = pd.concat([e[e.factor == k].assign(budget="T"), e[e.factor == 2 * k].assign(budget="2T")],
+                     ignore_index=True).assign(family=dataset)
+    if "n_slices" in both and both.n_slices.isna().all():
+        both = both.drop(columns="n_slices")
+    t = B.compare(both)
+    g = t[t.gated] if t.gated.any() else t
+    return (f"; budget search in progress: {len(steps)} step{'s' if len(steps) > 1 else ''} checked, the last "
+            f"{int(t.iterations_T.iloc[0])} vs {int(t.iterations_2T.iloc[0])} iterations "
+            f"{'accepted' if bool(t.accepted.iloc[0]) else 'not accepted'} (largest rise {g.d_dice.max():+.4f})")
+
+
 def check_view(chk: dict) -> pd.DataFrame:
     """A budget check's table as the report and notebook 07 show it: per (size,) method, both
     budgets' mean Dice and gain, the changes and the verdict (``n_slices`` only for Table III)."""
@@ -582,7 +611,8 @@ def build_report(out, n_boot: int = 2000) -> dict:
                 cc = checks[(checks.study == study) & (checks.dataset == name)] if len(checks) else None
                 mine = [u for u in planned.get(study, []) if _uid_factor(u) == 2 * tf] if planned.get(study) else None
                 s["budget_check"] = budget_check(rr, cc, mine)
-                s["label"] = check_label(s["budget_check"]) + sources_note(prov["carried"], rr)
+                s["label"] = (check_label(s["budget_check"]) + search_so_far(settings, every, study, name)
+                              + sources_note(prov["carried"], rr))
                 s["table_factor"] = tf
                 s["search"] = (settings.get("budgets") or {}).get(study)
                 s["ladder"] = F.budget_ladder(every[(every.study == study) & (every.dataset == name)])
