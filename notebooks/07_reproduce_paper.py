@@ -120,7 +120,7 @@ rep = R.build_report(src, n_boot=n_boot)
 st = rep["settings"]["settings"]
 print(f"sweep {src}: dataset {st['dataset']}, preset {st['preset']}, seeds {st['seeds']}, studies {rep['settings']['studies']}")
 units = rep["units"]
-print(units.assign(kind=units.factor.map(lambda f: "table" if f == 1 else f"budget check (x{f})"))
+print(units.assign(kind=R.unit_kinds(rep["settings"], units))
       .groupby(["study", "kind", "status"]).size().rename("units").to_string())
 print(f"unit time: {units.seconds.fillna(0).sum() / 3600:.2f} h in all")
 # what the sweep planned and what is still missing (a sweep is committed as its units land)

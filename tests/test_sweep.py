@@ -769,3 +769,10 @@ def test_report_label_names_an_unfinished_search_latest_step():
     assert "1 step checked, the last 400 vs 800" in R.search_so_far(settings, half, "table2", "fets2021")
     assert R.search_so_far(settings, every[every.factor == 1], "table2", "fets2021") == ""
     assert R.search_so_far({**settings, "budgets": {"table2": {}}}, every, "table2", "fets2021") == ""
+
+
+def test_unit_kinds_tell_a_table_found_at_4x_from_its_search_sample():
+    units = pd.DataFrame({"uid": ["t1-A", "t1-A-x2", "t1-A-x4", "t1-B-x4", "t1-A-x8"], "factor": [1, 2, 4, 4, 8]})
+    kinds = R.unit_kinds({"planned": {"table1": ["t1-A-x4", "t1-B-x4"]}}, units)
+    assert list(kinds) == ["budget check (x1)", "budget check (x2)", "table (x4)", "table (x4)", "budget check (x8)"]
+    assert list(R.unit_kinds({}, units[:1])) == ["budget check (x1)"]  # nothing planned: nothing is a table

@@ -418,6 +418,16 @@ def progress(settings: dict, units: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["kind", "study", "planned", "done", "missing"])
 
 
+def unit_kinds(settings: dict, units: pd.DataFrame) -> pd.Series:
+    """Each unit's part of the sweep, for counting: ``table (xK)`` where ``sweep.json`` plans it for
+    its study's table, else ``budget check (xK)`` (a budget search's sample or a table's 2T check);
+    K is the multiple of the preset's budget it ran at. A table found at 4x is ``table (x4)``, and its
+    sample's 1x units are checks."""
+    planned = {u for us in (settings.get("planned") or {}).values() for u in us}
+    return pd.Series([f"{'table' if u in planned else 'budget check'} (x{int(f)})"
+                      for u, f in zip(units.uid, units.factor)], index=units.index, name="kind")
+
+
 def paper_trm_gain(s: dict) -> float:
     """The paper's TRM gain over vanilla for a study of ``build_report`` (NaN where it has none)."""
     g = s.get("gains_all", s["gains"])
