@@ -249,13 +249,12 @@ def helps_line(stats: pd.DataFrame, table: str) -> str:
         part = f"{r.predictor} rho {r.rho:+.2f} (95% CI {r.ci_low:+.2f} to {r.ci_high:+.2f}, {r.n_cells} cells"
         if np.isfinite(r.within_rho):
             part += (f"; within {r.within_groups} target{'' if r.within_groups == 1 else 's'} {r.within_rho:+.2f}, "
-                     f"CI {r.within_ci_low:+.2f} to "
-                     f"{r.within_ci_high:+.2f}")
+                     f"CI {r.within_ci_low:+.2f} to {r.within_ci_high:+.2f}")
         parts.append(part + ")")
     yes = [r.predictor for r in s.itertuples() if r.predicts]
     within = [r.predictor for r in s.itertuples() if r.predicts_within]
     verdict = (f"predicts the gain: {', '.join(yes)}" if yes else "none of them predicts the gain (every interval holds 0)")
-    if "early_budget" in s and s.early_budget.any():
+    if s.early_budget.any():
         verdict += (" [EARLY-BUDGET: these cells' gains are at a budget not accepted, not where the methods end"
                     + ("; not pooled in `all`]" if table != "all" and not stats.early_budget.all() else "]"))
     if s.within_rho.notna().any():
@@ -278,7 +277,7 @@ def helps_figure(cells: pd.DataFrame):
     fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.0 * nr), squeeze=False)
     for row, k in zip(axes, tables):
         g = cells[cells.table == k]
-        early = "early_budget" in g and bool(g.early_budget.any())
+        early = bool(g.early_budget.any())
         for ax, p in zip(row, preds):
             for j, ((_, tgt), t) in enumerate(g.groupby(["dataset", "target"], sort=True)):
                 t = t.sort_values(p)

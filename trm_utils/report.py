@@ -381,10 +381,10 @@ def search_so_far(settings: dict, every: pd.DataFrame, study: str, dataset: str)
     e = every[(every.study == study) & (every.dataset == dataset) & every.uid.isin(uids)]
     if e.empty:
         return ""
-    base = lambda u: u[: -len(f"-x{_uid_factor(u)}")] if _uid_factor(u) > 1 else u  # noqa: E731
-    sample = {base(u) for u in uids}
-    done = {k: {base(u) for u in g.uid.unique()} for k, g in e.groupby("factor")}
-    steps = [k for k in sorted(done) if done[k] == sample and done.get(2 * k) == sample]
+    listed = pd.Series([_uid_factor(u) for u in uids]).value_counts()  # the sample's units per factor
+    done = e.groupby("factor").uid.nunique()
+    complete = {k for k, n in done.items() if n == listed.get(k, -1)}
+    steps = [k for k in sorted(complete) if 2 * k in complete]
     if not steps:
         return ""
     k = steps[-1]
