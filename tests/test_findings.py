@@ -79,6 +79,10 @@ def test_budget_ladder_reads_the_sample_at_every_budget():
     hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
     assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [800]
     assert not [ln for ln in fig.axes[0].get_lines() if ln.get_markerfacecolor() == "white"]  # every step whole
+    view = F.ladder_view(lad8).set_index("iterations")  # the report's table says so too
+    assert view.cells.tolist() == ["2", "2", "2", "1 of 2, step running"] and list(view.columns) == ["cells", "vanilla", "trm"]
+    assert view.loc[400, "trm"] == pytest.approx(2.5) and view.loc[800, "trm"] == pytest.approx(0.0)
+    assert F.ladder_view(F.budget_ladder(_runs(rest, lambda i, m, sd: 0.6))).empty
 
 
 def test_spearman_within_tells_an_order_of_sources_from_a_difference_between_targets():

@@ -3,7 +3,7 @@ and where does TRM help?
 
 * ``budget_ladder``: a table's check sample read at every budget the budget search ran
   (``sweep.find_budget``: 1, 2, 4, ... x the preset's), each method's mean Dice and gain over vanilla
-  at each; ``ladder_figure`` draws the gains against the iterations.
+  at each; ``ladder_view`` tabulates the gains, ``ladder_figure`` draws them against the iterations.
 * ``where_trm_helps``: per cell, TRM's gain over vanilla against three things known before
   fine-tuning: the cell's global transferability (pixel-LEEP, eq. 3), the dataset-level map's mean
   (``map_leep``: every pixel scored with its own patch's P(y|z), eq. 4) and how concentrated its risk
@@ -53,6 +53,24 @@ def budget_ladder(runs: pd.DataFrame) -> pd.DataFrame:
                          "method": m, "dice_mean": float(r.dice_mean), "dice_std": float(r.dice_std),
                          "gain_pct": float(r.gain_pct) if pd.notna(r.get("gain_pct")) else np.nan})
     return pd.DataFrame(rows)
+
+
+def ladder_view(ladder: pd.DataFrame) -> pd.DataFrame:
+    """The report's table of a ``budget_ladder``: one row per budget (iterations), each method's gain
+    over vanilla (%), and how many of the sample's cells the budget holds. A budget with fewer cells
+    than the sample (a search step still running) says "k of n, step running": its mean is over part
+    of the sample and decides nothing yet (``ladder_figure`` draws it hollow)."""
+    if ladder.empty:
+        return pd.DataFrame(columns=["iterations", "cells"])
+    n_cells = int(ladder.cells.max())
+    cells_at = ladder.groupby("iterations").cells.max()
+    view = ladder.pivot_table(index="iterations", columns="method", values="gain_pct", sort=False)
+    view.columns.name = None
+    methods = list(dict.fromkeys(ladder.method))
+    view = view[[m for m in methods if m in view.columns]].sort_index()
+    view.insert(0, "cells", [str(n_cells) if int(cells_at[i]) == n_cells else f"{int(cells_at[i])} of {n_cells}, step running"
+                             for i in view.index])
+    return view.reset_index()
 
 
 def gain_panels(frames: dict, x: str, paper: dict | None = None, marker: str = "o", trm_lw: float = 2.4) -> tuple:

@@ -787,9 +787,9 @@ def report_text(rep: dict) -> str:
             lines += [f"### The budget search ({verdict}; the check's last step {last['iterations_T']} vs "
                       f"{last['iterations_2T']} iterations)", "", markdown(pd.DataFrame(search["checks"]), 4), ""]
         if len(s.get("ladder", [])):
-            lad = s["ladder"].pivot_table(index="iterations", columns="method", values="gain_pct", sort=False)
             lines += ["Each method's gain over vanilla (%) on the check sample at every budget it ran (the budget "
-                      "dependence of the gains):", "", markdown(lad.reset_index(), 2), ""]
+                      "dependence of the gains; `cells`: how many of the sample's cells the budget holds):", "",
+                      markdown(F.ladder_view(s["ladder"]), 2), ""]
         chk = s.get("budget_check")
         if chk is not None and chk["table"] is not None:
             lines += [f"### Budget check ({chk['cells']} of {chk['planned']} sampled cells, T vs 2T)", "",
