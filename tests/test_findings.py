@@ -147,3 +147,26 @@ def test_where_trm_helps_keeps_an_early_budget_table_out_of_all():
     assert a.n_cells == 18 and a.early_budget and "not pooled" not in F.helps_line(none, "all")
     fig = F.helps_figure(cell_rows)
     assert [a.get_title() for a in fig.axes[::3]] == ["t1", "t2 (early-budget)", "t3"]
+
+
+def test_normaliser_spread_reads_eq7s_divisor_batch_by_batch():
+    import torch
+
+    y = torch.zeros(4, 8, 8, dtype=torch.long)
+    y[0] = 1  # 64 foreground pixels of 64: ratio 1
+    y[1, :4, :4] = 2  # 16: ratio 4
+    y[2, :2, :2] = 1  # 4: ratio 16
+    # slice 3 has none: eq. (7) falls back to the pixel count, ratio 1
+    s = F.normaliser_spread(y, batch_size=1, n_batches=4)  # one epoch: every slice once, in any order
+    assert s["slices"] == 4 and s["empty_slices"] == pytest.approx(0.25) and s["fg_share"] == pytest.approx((0.25 + 0.0625) / 2)
+    assert s["median"] == pytest.approx(2.5) and s["max"] == pytest.approx(16.0) and s["max_over_median"] == pytest.approx(6.4)
+    even = torch.zeros(6, 8, 8, dtype=torch.long)
+    even[:, :4] = 1  # every slice half foreground: a constant divisor, which Adam ignores
+    e = F.normaliser_spread(even, batch_size=2, seed=3, n_batches=50)
+    assert e["median"] == pytest.approx(2.0) and e["max_over_median"] == pytest.approx(1.0) and e["p95_over_p5"] == pytest.approx(1.0)
+    assert F.normaliser_spread(y, 2, seed=5) == F.normaliser_spread(y, 2, seed=5)  # the same seed, the same batches
+    with pytest.raises(ValueError, match="N x H x W"):
+        F.normaliser_spread(torch.zeros(8, 8), 2)
+    with pytest.raises(ValueError, match="n_batches"):
+        F.normaliser_spread(y, 2, n_batches=0)
+

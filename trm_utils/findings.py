@@ -1,5 +1,5 @@
-"""Two questions a sweep can answer that the paper does not ask: does TRM's gain depend on the budget,
-and where does TRM help?
+"""Questions a sweep can answer that the paper does not ask: does TRM's gain depend on the budget,
+where does TRM help, and what does eq. (7)'s foreground normaliser do under Adam?
 
 * ``budget_ladder``: a table's check sample read at every budget the budget search ran
   (``sweep.find_budget``: 1, 2, 4, ... x the preset's), each method's mean Dice and gain over vanilla
@@ -14,6 +14,10 @@ and where does TRM help?
   cells can then be a difference between targets. ``spearman_within`` answers the narrower question
   (does the predictor order the sources *for a given target*?): ranks taken within each target,
   pooled, with a bootstrap interval that resamples cells within targets.
+* ``normaliser_spread``: eq. (7) divides a batch's loss by its foreground pixel count. Adam divides
+  each step by the gradient's running scale, so a constant divisor changes nothing; what the
+  normaliser adds is its spread from batch to batch (a batch with few foreground pixels weighs as
+  many typical ones). Measured on a target's training labels with the batches fine-tuning draws.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import pandas as pd
 from scipy.stats import rankdata, spearmanr
 
 from .tables import summarize
+from .train import Batches
 
 #: The cell-level quantities ``where_trm_helps`` relates to TRM's gain, with their labels.
 PREDICTORS = {"pixel_leep": "pixel-LEEP (eq. 3)", "map_leep": "dataset map's mean (eq. 4)",
@@ -311,3 +316,47 @@ def helps_figure(cells: pd.DataFrame):
                  "a line joins one target's cells", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def normaliser_spread(labels, batch_size: int, seed: int = 0, n_batches: int = 1000) -> dict:
+    """How much eq. (7)'s normaliser varies over the batches fine-tuning draws from ``labels``.
+
+    Eq. (7) divides the batch's weighted cross-entropy by its foreground pixel count (the pixel
+    count when a batch has none; ``losses.weighted_cross_entropy``); vanilla divides by the pixel
+    count. Per batch, ``ratio`` = pixels / foreground pixels (1 for a batch with no foreground) is
+    the factor by which eq. (7) scales that batch's loss relative to vanilla's mean. Under Adam a
+    constant ratio is a no-op; its spread is the normaliser's only effect: a batch with ratio r
+    weighs r / median times a typical batch, and one large r inflates Adam's running second
+    moment for the next ~1/(1 - beta2) = 1000 steps.
+
+    Args:
+        labels: N x H x W integer labels of the target's training slices (0 = background).
+        batch_size, seed: as fine-tuning draws its batches (``train.Batches``: seeded epoch-wise
+            shuffling), so the batches are the ones a run with this seed sees.
+        n_batches: how many batches to read.
+
+    Returns: ``slices``, ``empty_slices`` (share of slices with no foreground), ``fg_share`` (the
+    median slice's foreground share), the ratio's ``median``, ``p5``, ``p95``, ``max`` and
+    ``max_over_median`` and ``p95_over_p5``.
+    """
+    import torch
+
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 3 or labels.shape[0] < 1:
+        raise ValueError(f"labels must be N x H x W with N >= 1, got shape {tuple(labels.shape)}")
+    if int(n_batches) < 1:
+        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    fg = (labels != 0).reshape(labels.shape[0], -1).sum(dim=1).double()
+    per = labels[0].numel()
+    batches = Batches(labels.shape[0], int(batch_size), int(seed))
+    ratio = []
+    for _ in range(int(n_batches)):
+        idx = batches.next()
+        n_fg = float(fg[idx].sum())
+        ratio.append(len(idx) * per / n_fg if n_fg > 0 else 1.0)
+    r = np.asarray(ratio)
+    med = float(np.median(r))
+    p5, p95 = (float(v) for v in np.percentile(r, [5, 95]))
+    return {"slices": int(labels.shape[0]), "empty_slices": float((fg == 0).double().mean()),
+            "fg_share": float(np.median((fg / per).numpy())), "median": med, "p5": p5, "p95": p95, "max": float(r.max()),
+            "max_over_median": float(r.max()) / med, "p95_over_p5": p95 / p5}
