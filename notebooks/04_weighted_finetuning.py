@@ -429,7 +429,7 @@ for fam, df in grids.items():
 # matters under Adam: a batch at `max` weighs `max_over_median` typical batches, and one such batch inflates
 # Adam's running scale for the next ~1000 steps, shrinking the steps that follow. On the phantom a tissue
 # target stays within a few times its median; a tumour target, where about half the slices hold no tumour
-# and the median slice's tumour is about a thousandth of it, reaches tens of times it. Where the spread is large,
+# and the median slice's tumour covers about a thousandth of it, reaches tens of times it. Where the spread is large,
 # `fg_only` need not track vanilla, and TRM can lag it for a reason that has nothing to do with the risk map;
 # the ablations of `results/phantom-v4` (Table II's tumour cells) test that.
 
