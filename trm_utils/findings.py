@@ -24,6 +24,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from scipy.stats import rankdata, spearmanr
 
 from .tables import summarize
@@ -339,8 +340,6 @@ def normaliser_spread(labels, batch_size: int, seed: int = 0, n_batches: int = 1
     median slice's foreground share), the ratio's ``median``, ``p5``, ``p95``, ``max`` and
     ``max_over_median`` and ``p95_over_p5``.
     """
-    import torch
-
     labels = torch.as_tensor(labels)
     if labels.ndim != 3 or labels.shape[0] < 1:
         raise ValueError(f"labels must be N x H x W with N >= 1, got shape {tuple(labels.shape)}")
