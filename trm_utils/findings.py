@@ -61,6 +61,12 @@ def budget_ladder(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _cells_at(ladder: pd.DataFrame) -> tuple:
+    """``(the sample's cell count, cells held per iterations)`` of a ``budget_ladder``: a budget
+    holding fewer than the sample is a search step still running."""
+    return int(ladder.cells.max()), ladder.groupby("iterations").cells.max()
+
+
 def ladder_view(ladder: pd.DataFrame) -> pd.DataFrame:
     """The report's table of a ``budget_ladder``: one row per budget (iterations), each method's gain
     over vanilla (%), and how many of the sample's cells the budget holds. A budget with fewer cells
@@ -68,8 +74,7 @@ def ladder_view(ladder: pd.DataFrame) -> pd.DataFrame:
     of the sample and decides nothing yet (``ladder_figure`` draws it hollow)."""
     if ladder.empty:
         return pd.DataFrame(columns=["iterations", "cells"])
-    n_cells = int(ladder.cells.max())
-    cells_at = ladder.groupby("iterations").cells.max()
+    n_cells, cells_at = _cells_at(ladder)
     view = ladder.pivot_table(index="iterations", columns="method", values="gain_pct", sort=False)
     view.columns.name = None
     methods = list(dict.fromkeys(ladder.method))
@@ -107,8 +112,7 @@ def ladder_figure(ladders: dict, paper: dict | None = None):
     fig, axes = gain_panels(ladders, "iterations", paper)
     for key, ax in axes.items():
         g = ladders[key]
-        n_cells = int(g.cells.max())
-        cells_at = g.groupby("iterations").cells.max()
+        n_cells, cells_at = _cells_at(g)
         partial = [int(i) for i, c in cells_at.items() if c < n_cells]
         for line in list(ax.get_lines()):
             x, y = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
